@@ -114,8 +114,13 @@ def _load_own(path: Path, data) -> object:
     wl = data["wavelength"]
     params = {k[len("param_"):]: data[k] for k in data.files if k.startswith("param_")}
     cls = _EMULATOR_CLASSES[kind]
-    return cls.from_arrays(params, ls, wl if wl.size else None, activation=str(data["activation"]),
-                           wavelength_medium=str(data["wavelength_medium"]), meta=meta)
+    kwargs = {"wavelength_medium": str(data["wavelength_medium"]), "meta": meta}
+    if str(data["activation"]):
+        kwargs["activation"] = str(data["activation"])
+    floats = [v.dtype for v in params.values() if v.dtype.kind == "f"]
+    if floats:  # evaluate in the precision the weights were saved in
+        kwargs["dtype"] = np.result_type(*floats)
+    return cls.from_arrays(params, ls, wl if wl.size else None, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -151,6 +151,8 @@ class PayneMLP(Emulator):
         ws = [torch.as_tensor(w, dtype=tdtype, device=device) for w in self.weights]
         bs = [torch.as_tensor(b, dtype=tdtype, device=device) for b in self.biases]
         act = self.activation
+        one = torch.ones((), dtype=tdtype, device=device)
+        slope = torch.full((), LEAKY_SLOPE, dtype=tdtype, device=device)
 
         def evaluate(x, jacobian=True):
             a, jt = x, None
@@ -158,7 +160,7 @@ class PayneMLP(Emulator):
                 z = torch.addmm(bs[k], a, ws[k].T)
                 if act == "leaky_relu":
                     a = torch.nn.functional.leaky_relu(z, LEAKY_SLOPE)
-                    da = torch.where(z > 0, 1.0, LEAKY_SLOPE).to(z.dtype) if jacobian else None
+                    da = torch.where(z > 0, one, slope) if jacobian else None
                 else:
                     a = torch.sigmoid(z)
                     da = a * (1 - a) if jacobian else None
