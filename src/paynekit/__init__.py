@@ -1,13 +1,13 @@
 """paynekit: stellar labels from spectra with The Payne and The Cannon, at survey scale."""
 
-from .emulators import Emulator, PayneMLP, PaynePerPixel, load_emulator, save_emulator
+from .emulators import CannonModel, Emulator, PayneMLP, PaynePerPixel, load_emulator, save_emulator
 from .errors import FileFormatError, InputError, NotFittedError, PaynekitError
 from .labels import LabelSpace, apogee_label_space
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Emulator", "PayneMLP", "PaynePerPixel", "load_emulator", "save_emulator",
+    "CannonModel", "Emulator", "PayneMLP", "PaynePerPixel", "load_emulator", "save_emulator",
     "LabelSpace", "apogee_label_space",
     "PaynekitError", "InputError", "FileFormatError", "NotFittedError",
 ]  # fmt: skip

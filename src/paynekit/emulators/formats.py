@@ -248,8 +248,6 @@ def load_emulator(path, *, wavelength=None, label_names=None, wavelength_medium=
                 found = str(data["paynekit_format"])
                 if found == FORMAT_NAME:
                     return _load_own(path, data)
-                if found == "paynekit-cannon":
-                    return _EMULATOR_CLASSES["cannon"].from_npz(path, data)
                 raise FileFormatError(f"{path}: paynekit file of type {found!r}, not an emulator")
             if "w_array_0" in files:
                 ndim = data["w_array_0"].ndim
