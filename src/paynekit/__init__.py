@@ -2,12 +2,13 @@
 
 from .emulators import CannonModel, Emulator, PayneMLP, PaynePerPixel, load_emulator, save_emulator
 from .errors import FileFormatError, InputError, NotFittedError, PaynekitError
+from .io import read_spectra
 from .labels import LabelSpace, apogee_label_space
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CannonModel", "Emulator", "PayneMLP", "PaynePerPixel", "load_emulator", "save_emulator",
-    "LabelSpace", "apogee_label_space",
+    "LabelSpace", "apogee_label_space", "read_spectra",
     "PaynekitError", "InputError", "FileFormatError", "NotFittedError",
 ]  # fmt: skip
