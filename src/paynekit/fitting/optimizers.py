@@ -1,0 +1,350 @@
+"""Two optimisers on one forward model.
+
+* :func:`batched_levenberg_marquardt`: many spectra at once. Each iteration evaluates the model and its
+  analytic Jacobian for the stars still active (one emulator call for all of them), forms the profiled
+  normal equations, and takes a Levenberg-Marquardt step (Marquardt's diagonal scaling) per star. Bounds
+  are respected by a projected step: coordinates at a bound whose gradient points outwards are held,
+  the others solved for, and the trial point clipped to the box. A star stops when its Gauss-Newton
+  decrement ``g^T H^-1 g`` (about twice the chi2 still to gain) is below ``chi2_tolerance``, or when an
+  accepted step gains less than that, or after ``lm_max_rejections`` rejected steps in a row (a minimum
+  at a kink of a leaky-ReLU network, where the quadratic model keeps promising a gain); it leaves the
+  active set. Damping follows Nielsen (1999): after an accepted step it shrinks by how well the
+  quadratic model predicted the gain, after a rejected one it grows by ``lm_factor``, doubling each time.
+  A star still descending after ``max_iterations`` is a failure if its decrement exceeds
+  :data:`NONCONVERGED_DECREMENT`. Works with numpy or torch (CPU/CUDA) arrays; the per-star linear algebra is float64.
+* :func:`scipy_reference`: one spectrum at a time with ``scipy.optimize.curve_fit(method="trf")``, the
+  labels bounded in scaled space, as The Payne and SDSS Astra do, with our analytic (variable-projection)
+  Jacobian. It is the reference the batched optimiser is tested against.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..instrument import _is_torch
+from .forward import ForwardModel, model_spectra, normal_equations, solve_continuum, to_numpy
+from .uncertainties import invert_curvature
+
+log = logging.getLogger(__name__)
+
+#: Levenberg-Marquardt damping limits; a star whose damping exceeds the maximum has stalled.
+LM_MIN_DAMPING = 1e-6
+LM_MAX_DAMPING = 1e10
+#: After a rejected step the damping is at least this: Marquardt damping well below 1 barely changes
+#: the step, and a rejected Gauss-Newton step near a leaky-ReLU kink needs a shorter one.
+LM_REJECTION_FLOOR = 1.0
+#: A stopped fit that could still gain more chi2 than this (Gauss-Newton decrement) is a failure.
+NONCONVERGED_DECREMENT = 1.0
+#: Distance (parameter units) from a bound inside which a coordinate counts as being at it.
+BOUND_EPSILON = 1e-10
+#: Relative ridge on the per-star normal matrices.
+NORMAL_RIDGE = 1e-12
+#: Iterations of the optional float64 polish.
+POLISH_ITERATIONS = 5
+
+
+@dataclass
+class OptimizeResult:
+    """Per-star results of an optimiser (numpy, n rows)."""
+
+    theta: np.ndarray  # (n, F) best parameters (scaled labels, then v)
+    chi2: np.ndarray  # data chi2
+    objective: np.ndarray  # chi2 + prior penalty
+    cov: np.ndarray  # (n, F, F) formal covariance in parameter units
+    n_iter: np.ndarray
+    converged: np.ndarray
+    failure: list  # str per star ("" = fine)
+    model: np.ndarray  # (n, P) best-fit model (with continuum)
+    continuum: np.ndarray | None  # (n, P) or None
+
+
+def _solve_small(h, g):
+    """Solve (n, F, F) x = (n, F) with a tiny ridge; rows that fail come back as zeros."""
+    n, f, _ = h.shape
+    if f == 0:
+        return np.zeros((n, 0))
+    diag = np.abs(np.diagonal(h, axis1=1, axis2=2))
+    scale = np.max(diag, axis=1)
+    scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
+    hr = h + (NORMAL_RIDGE * scale)[:, None, None] * np.eye(f)
+    good = np.all(np.isfinite(hr.reshape(n, -1)), axis=1) & np.all(np.isfinite(g), axis=1)
+    out = np.zeros((n, f))
+    if not np.any(good):
+        return out
+    try:
+        out[good] = np.linalg.solve(hr[good], g[good][..., None])[..., 0]
+    except np.linalg.LinAlgError:
+        for i in np.flatnonzero(good):
+            out[i] = np.linalg.lstsq(hr[i], g[i], rcond=None)[0]
+    return out
+
+
+def _restrict(h, g, free):
+    """Normal equations with the non-free coordinates held (identity rows, zero gradient)."""
+    ff = free[:, :, None] & free[:, None, :]
+    hf = np.where(ff, h, 0.0)
+    idx = np.arange(h.shape[1])
+    hf[:, idx, idx] = np.where(free, hf[:, idx, idx], 1.0)
+    return hf, np.where(free, g, 0.0)
+
+
+def _free_set(theta, g, lower, upper):
+    at_lo = (theta <= lower + BOUND_EPSILON) & (g < 0)
+    at_hi = (theta >= upper - BOUND_EPSILON) & (g > 0)
+    return ~(at_lo | at_hi)
+
+
+def decrement(h, g, theta, lower, upper) -> np.ndarray:
+    """Gauss-Newton decrement g^T H^-1 g on the free (not bound-blocked) coordinates."""
+    free = _free_set(theta, g, lower, upper)
+    hf, gf = _restrict(h, g, free)
+    return np.sum(gf * _solve_small(hf, gf), axis=1)
+
+
+class _Evaluator:
+    """chi2, curvature and gradient (priors included) of chosen stars of a chunk."""
+
+    def __init__(self, fm: ForwardModel, emulator_eval, data, weights):
+        self.fm = fm
+        self.ev = emulator_eval
+        self.data = emulator_eval.to_backend(data)
+        self.weights = emulator_eval.to_backend(weights)
+        self.n = data.shape[0]
+
+    def __call__(self, theta, rows, jacobian=True):
+        vals = model_spectra(self.fm, self.ev, theta, jacobian=jacobian)
+        if rows.size == self.n and np.array_equal(rows, np.arange(self.n)):
+            d, w = self.data, self.weights
+        else:
+            sel = _torch_index(rows, self.data) if _is_torch(self.data) else rows
+            d, w = self.data[sel], self.weights[sel]
+        ne = normal_equations(self.fm, vals, d, w, jacobian=jacobian)
+        pc, ph, pg = self.fm.prior_terms(theta)
+        obj = ne.chi2 + pc
+        if not jacobian:
+            return obj, ne.chi2, None, None, ne
+        h = ne.H + ph[:, :, None] * np.eye(ph.shape[1])[None]
+        g = ne.g + pg
+        ok = (
+            np.isfinite(obj)
+            & np.all(np.isfinite(h.reshape(h.shape[0], -1)), axis=1)
+            & np.all(np.isfinite(g), axis=1)
+        )
+        return np.where(ok, obj, np.inf), ne.chi2, h, g, ne
+
+
+def _torch_index(rows, like):
+    import torch
+
+    return torch.as_tensor(rows, dtype=torch.long, device=like.device)
+
+
+def batched_levenberg_marquardt(
+    fm: ForwardModel,
+    emulator_eval,
+    data,
+    weights,
+    theta0,
+    lower,
+    upper,
+    config,
+    max_iterations: int | None = None,
+) -> OptimizeResult:
+    """Fit all rows of ``data``/``weights`` (n, P) from starts ``theta0`` (n, F) within [lower, upper]."""
+    max_iterations = config.max_iterations if max_iterations is None else max_iterations
+    n, f = theta0.shape
+    p = data.shape[1]
+    evaluate = _Evaluator(fm, emulator_eval, data, weights)
+    theta = np.clip(np.asarray(theta0, dtype=np.float64), lower, upper)
+    rows_all = np.arange(n)
+    obj, chi2, h, g, ne = evaluate(theta, rows_all)
+    model = np.array(to_numpy(ne.model), dtype=np.float64)
+    cont = np.array(to_numpy(ne.continuum), dtype=np.float64) if ne.continuum is not None else None
+    failure = ["" if np.isfinite(o) else "the model is not finite at the start" for o in obj]
+    active = np.isfinite(obj)
+    lam = np.full(n, float(config.lm_damping))
+    nu = np.full(n, float(config.lm_factor))
+    n_iter = np.ones(n, dtype=np.int64)
+    converged = np.zeros(n, dtype=bool)
+    rejections = np.zeros(n, dtype=np.int64)
+    for _ in range(max_iterations):
+        idx = np.flatnonzero(active)
+        if idx.size == 0:
+            break
+        th, lo, hi = theta[idx], lower[idx], upper[idx]
+        free = _free_set(th, g[idx], lo, hi)
+        hf, gf = _restrict(h[idx], g[idx], free)
+        dec = np.sum(gf * _solve_small(hf, gf), axis=1)
+        done = dec < config.chi2_tolerance
+        converged[idx[done]] = True
+        active[idx[done]] = False
+        keep = ~done
+        idx, th, lo, hi, hf, gf = idx[keep], th[keep], lo[keep], hi[keep], hf[keep], gf[keep]
+        if idx.size == 0:
+            break
+        diag = np.diagonal(hf, axis1=1, axis2=2)
+        hd = hf + (lam[idx][:, None] * diag)[:, :, None] * np.eye(f)[None]
+        step = np.clip(th + _solve_small(hd, gf), lo, hi) - th
+        trial = th + step
+        # chi2(theta + d) ~ chi2 - 2 g.d + d^T H d: the reduction the quadratic model predicts
+        predicted = 2.0 * np.sum(gf * step, axis=1) - np.einsum("ni,nij,nj->n", step, hf, step)
+        t_obj, t_chi2, t_h, t_g, t_ne = evaluate(trial, idx)
+        n_iter[idx] += 1
+        better = np.isfinite(t_obj) & (t_obj <= obj[idx])
+        gain = np.where(better, obj[idx] - t_obj, 0.0)
+        acc = idx[better]
+        theta[acc] = trial[better]
+        obj[acc], chi2[acc], h[acc], g[acc] = t_obj[better], t_chi2[better], t_h[better], t_g[better]
+        if acc.size:
+            model[acc] = to_numpy(t_ne.model)[better]
+            if cont is not None:
+                cont[acc] = to_numpy(t_ne.continuum)[better]
+        # Nielsen's damping update: shrink by how well the quadratic model predicted the gain
+        rho = np.where(
+            predicted[better] > 0, gain[better] / np.where(predicted[better] > 0, predicted[better], 1), 0
+        )
+        lam[acc] = np.maximum(lam[acc] * np.maximum(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3), LM_MIN_DAMPING)
+        nu[acc] = config.lm_factor
+        rejections[acc] = 0
+        # a step that gained less than the tolerance ends the fit: near a minimum of a piecewise-smooth
+        # network (leaky ReLU) the quadratic model overstates what is left, and more steps only crawl
+        small = idx[better & (gain < config.chi2_tolerance)]
+        converged[small] = True
+        active[small] = False
+        rej = idx[~better]
+        lam[rej] = np.maximum(lam[rej] * nu[rej], LM_REJECTION_FLOOR)
+        nu[rej] *= 2.0
+        rejections[rej] += 1
+        # no step along the damped path helps: a minimum at a kink of the network (not a failure)
+        active[rej[(lam[rej] > LM_MAX_DAMPING) | (rejections[rej] > config.lm_max_rejections)]] = False
+    # stars still descending when the iterations ran out: a failure if they are far from the minimum
+    for i in np.flatnonzero(active & np.isfinite(obj)):
+        d = decrement(h[i : i + 1], g[i : i + 1], theta[i : i + 1], lower[i : i + 1], upper[i : i + 1])[0]
+        if d > NONCONVERGED_DECREMENT:
+            failure[i] = f"not converged after {n_iter[i]} evaluations (chi2 could still drop by {d:.3g})"
+    cov, ok = invert_curvature(h)
+    for i in np.flatnonzero(~ok & np.isfinite(obj)):
+        if not failure[i]:
+            failure[i] = "singular curvature matrix: a free label has no measurable effect on the spectrum"
+    if p != model.shape[1]:  # pragma: no cover - defensive
+        raise RuntimeError("model has the wrong number of pixels")
+    return OptimizeResult(theta, chi2, obj, cov, n_iter, converged, failure, model, cont)
+
+
+# ------------------------------------------------------------------------------------------------
+# scipy reference
+# ------------------------------------------------------------------------------------------------
+def _kaufman_jacobian(fm, vals, data, weights):
+    """Model, continuum and the variable-projection model Jacobian (F, P) for one star (numpy float64)."""
+    flux = vals[:, 0, :]
+    jac = vals[0, 1:, :]
+    if fm.continuum is None:
+        return flux[0], None, jac
+    cont, _, grams = solve_continuum(fm.continuum, flux, data[None], weights[None])
+    cont = cont[0]
+    jhat = jac * cont[None, :]
+    out = jhat.copy()
+    for sl, basis, gram in zip(fm.continuum.slices, fm.continuum.bases, grams):
+        a = flux[0, sl, None] * basis  # (P_r, D)
+        m = a.T @ (weights[sl, None] * jhat[:, sl].T)  # (D, F)
+        g = gram[0] + np.eye(gram.shape[-1]) * max(np.trace(gram[0]) * 1e-12, 1e-300)
+        out[:, sl] = jhat[:, sl] - (a @ np.linalg.solve(g, m)).T
+    return flux[0] * cont, cont, out
+
+
+def scipy_reference(
+    fm: ForwardModel, emulator_eval, data, weights, theta0, lower, upper, config
+) -> OptimizeResult:
+    """Fit each row with ``scipy.optimize.curve_fit(method="trf")`` (one spectrum at a time)."""
+    from scipy.optimize import OptimizeWarning, curve_fit
+
+    n, f = theta0.shape
+    p = data.shape[1]
+    theta = np.full((n, f), np.nan)
+    chi2 = np.full(n, np.nan)
+    obj = np.full(n, np.nan)
+    cov = np.full((n, f, f), np.nan)
+    n_iter = np.zeros(n, dtype=np.int64)
+    converged = np.zeros(n, dtype=bool)
+    failure = [""] * n
+    model = np.full((n, p), np.nan)
+    cont = np.full((n, p), np.nan) if fm.continuum is not None else None
+    n_prior = fm.prior_index.size
+    for i in range(n):
+        d, w = data[i], weights[i]
+        good = np.flatnonzero(w > 0)
+        cache = {}
+
+        def compute(params, d=d, w=w, good=good, cache=cache):
+            key = np.asarray(params, dtype=np.float64).tobytes()
+            if key not in cache:
+                cache.clear()
+                th = np.asarray(params, dtype=np.float64)[None]
+                vals = to_numpy(model_spectra(fm, emulator_eval, th, jacobian=True)).astype(np.float64)
+                m, c, j = _kaufman_jacobian(fm, vals, d, w)
+                cache[key] = (m, c, j)
+            return cache[key]
+
+        def func(_x, *params, good=good):
+            m, _, _ = compute(params)
+            out = m[good]
+            if n_prior:
+                th = np.asarray(params)
+                out = np.concatenate([out, (th[fm.prior_index] - fm.prior_mean) / fm.prior_sigma])
+            return out
+
+        def jacobian(_x, *params, good=good):
+            _, _, j = compute(params)
+            out = j[:, good].T
+            if n_prior:
+                jp = np.zeros((n_prior, f))
+                jp[np.arange(n_prior), fm.prior_index] = 1.0 / fm.prior_sigma
+                out = np.concatenate([out, jp])
+            return out
+
+        ydata = np.concatenate([d[good], np.zeros(n_prior)])
+        sigma = np.concatenate([1.0 / np.sqrt(w[good]), np.ones(n_prior)])
+        p0 = np.clip(theta0[i], lower[i], upper[i])
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", OptimizeWarning)
+                popt, pcov, info, _msg, ier = curve_fit(
+                    func,
+                    np.arange(ydata.size),
+                    ydata,
+                    p0=p0,
+                    sigma=sigma,
+                    absolute_sigma=True,
+                    bounds=(lower[i], upper[i]),
+                    method="trf",
+                    jac=jacobian,
+                    ftol=config.scipy_tolerance,
+                    xtol=config.scipy_tolerance,
+                    gtol=config.scipy_tolerance,
+                    max_nfev=config.scipy_max_nfev,
+                    full_output=True,
+                )
+            for wmsg in caught:
+                log.debug("spectrum %d: %s", i, wmsg.message)
+        except (RuntimeError, ValueError, np.linalg.LinAlgError) as exc:
+            failure[i] = f"scipy curve_fit failed: {exc}"
+            continue
+        m, c, _ = compute(popt)
+        r = d[good] - m[good]
+        theta[i] = popt
+        chi2[i] = float(np.sum(w[good] * r * r))
+        pen = fm.prior_terms(popt[None])[0][0]
+        obj[i] = chi2[i] + pen
+        cov[i] = pcov
+        n_iter[i] = int(info.get("nfev", 0))
+        converged[i] = ier in (1, 2, 3, 4)
+        model[i] = m
+        if cont is not None:
+            cont[i] = c
+        if not np.all(np.isfinite(pcov)):
+            failure[i] = "singular curvature matrix: a free label has no measurable effect on the spectrum"
+    return OptimizeResult(theta, chi2, obj, cov, n_iter, converged, failure, model, cont)
