@@ -379,3 +379,15 @@ def test_no_pyplot_and_lazy_matplotlib():
         "assert 'matplotlib' in sys.modules and 'matplotlib.pyplot' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_emulation_error_plot_takes_the_validation_report(tmp_path, small_mlp):
+    from paynekit.plots import plot_emulation_error
+    from paynekit.validation import emulation_error
+
+    g = np.random.default_rng(5)
+    labels = small_mlp.label_space.unscale(g.uniform(-0.4, 0.4, (30, 4)))
+    flux = small_mlp.predict(labels) + g.normal(0, 1e-3, (30, small_mlp.n_pixels))
+    report = emulation_error(small_mlp, (labels, flux))
+    plot_emulation_error(report, small_mlp.wavelength, path=tmp_path / "err.png")
+    assert_png_not_blank(tmp_path / "err.png")

@@ -196,6 +196,15 @@ def _per_pixel_curves(per_pixel_error):
     """{name: per-pixel array}, {name: overall scalar}, wavelength or None from a dict or an array."""
     scalars, curves, wl = {}, {}, None
     per_pixel_error = as_record(per_pixel_error)
+    if isinstance(per_pixel_error, Mapping) and isinstance(per_pixel_error.get("per_pixel"), Mapping):
+        # the report of paynekit.validation.emulation_error: overall scalars + a nested per_pixel dict
+        nested = dict(per_pixel_error["per_pixel"])
+        for key in ("median", "p95", "p99"):
+            if np.ndim(per_pixel_error.get(key)) == 0 and per_pixel_error.get(key) is not None:
+                nested.setdefault(f"overall_{key}", per_pixel_error[key])
+        if per_pixel_error.get("wavelength") is not None:
+            nested["wavelength"] = per_pixel_error["wavelength"]
+        per_pixel_error = nested
     if isinstance(per_pixel_error, Mapping):
         for key, value in per_pixel_error.items():
             try:
