@@ -106,7 +106,7 @@ def fit_config_from_args(args):
     if args.noise_model:
         options["noise_model"] = args.noise_model
     if args.mask:
-        options["mask_file"] = args.mask
+        options["pixel_mask_file"] = args.mask
     if args.device:
         options["device"] = args.device
         if args.device == "cuda":

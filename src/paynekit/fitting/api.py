@@ -221,6 +221,10 @@ def fit(
         config.noise_model.check_labels(names)
     n, p = inp.flux.shape
     mask = inp.mask | ~np.isfinite(inp.flux) | ~np.isfinite(inp.ivar) | (inp.ivar <= 0)
+    if config.pixel_mask_file is not None:
+        from .io_bundle import read_pixel_mask
+
+        mask = mask | read_pixel_mask(config.pixel_mask_file, inp.wavelength)[None, :]
     weights = np.where(mask, 0.0, inp.ivar)
     if fm.continuum is not None:
         weights = weights * fm.continuum.in_region[None, :]

@@ -83,6 +83,9 @@ class FitConfig:
         ``lm_max_rejections`` rejected steps in a row before a star stops;
         ``scipy_tolerance`` (ftol = xtol = gtol of curve_fit), ``scipy_max_nfev``.
     Uncertainties
+        ``pixel_mask_file``: pixels to leave out of every fit, on the data's grid: a text file of
+        (start, end) wavelength intervals in Angstrom, or an npz/HDF5 boolean array ``mask`` (True = masked),
+        read by :func:`paynekit.fitting.io_bundle.read_pixel_mask`.
         ``noise_model``: a :class:`~paynekit.fitting.uncertainties.NoiseModel` or the path of one;
         ``parabola_uncertainty``: also the Zeta-Payne chi2-parabola errors (``zeta_e_<label>``), which need
         a resolving power (``resolution`` or ``parabola_resolution``).
@@ -123,6 +126,7 @@ class FitConfig:
     scipy_tolerance: float = 1e-8
     scipy_max_nfev: int = 500
     noise_model: object | None = None
+    pixel_mask_file: str | None = None
     parabola_uncertainty: bool = False
     parabola_resolution: float | None = None
     flag_teff_range: tuple = (3100.0, 7900.0)
@@ -213,6 +217,10 @@ class FitConfig:
             raise InputError(f"labels {both} are both frozen and given a prior")
         object.__setattr__(self, "frozen", MappingProxyType(frozen))
         object.__setattr__(self, "priors", MappingProxyType(priors))
+        if self.pixel_mask_file is not None:
+            if not Path(self.pixel_mask_file).exists():
+                raise InputError(f"pixel_mask_file {self.pixel_mask_file}: no such file")
+            object.__setattr__(self, "pixel_mask_file", str(self.pixel_mask_file))
         if isinstance(self.noise_model, (str, Path)):
             object.__setattr__(self, "noise_model", NoiseModel.read(self.noise_model))
         elif self.noise_model is not None and not isinstance(self.noise_model, NoiseModel):
