@@ -53,6 +53,9 @@ def test_fit_bundle_to_catalog(tmp_path, small_mlp, capsys):
     assert np.all(np.abs(np.asarray(table["teff"])[good] - truth[good, 0]) < 200)
     assert main(["merge", str(tmp_path / "cat_run"), "-o", str(tmp_path / "again.parquet")]) == 0
     assert len(read_catalog(tmp_path / "again.parquet")) == 6
+    png = tmp_path / "s1.png"
+    assert main(["plot-fit", str(tmp_path / "cat_run"), "s1", "-o", str(png), "--catalog", str(cat)]) == 0
+    assert png.stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("content", [b"", b"SIMPLE  =                    T" + b" " * 50])

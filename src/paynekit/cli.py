@@ -175,12 +175,7 @@ def _cmd_plot_fit(args) -> int:
         if len(row):
             labels = {n: float(row[n][0]) for n in ("teff", "logg", "fe_h") if n in row.colnames}
             flags = str(row["flag_reason"][0]) if "flag_reason" in row.colnames else None
-    data = models.data_for(0) if hasattr(models, "data_for") else None
-    if data is None:
-        from .pipeline.store import load_observed_spectra
-
-        data = load_observed_spectra(args.run_dir, [args.id])
-    wl, flux, ivar, mask = data
+    wl, flux, ivar, mask = models.data_for(0)  # the observed spectrum, on the grid it was fitted on
     plot_fit(wl, flux, ivar, models.model_flux[0], mask=mask, labels=labels, flags=flags, title=args.id,
              path=args.output)
     print(f"wrote {args.output}")
