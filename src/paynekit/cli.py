@@ -15,6 +15,9 @@ from .errors import PaynekitError
 
 log = logging.getLogger("paynekit")
 
+#: `paynekit fit` with one input file reads it up front (to fail with one line) only below this size.
+SINGLE_FILE_CHECK_BYTES = 64 * 2**20
+
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
@@ -114,6 +117,20 @@ def fit_config_from_args(args):
     return FitConfig(**options)
 
 
+def _check_single_survey_file(inputs, emulator, visits) -> None:
+    """A single survey file that cannot be fitted is an error (one line), not a catalog of one bad row.
+
+    In a batch the same problem becomes a flagged row and the other files are fitted.
+    """
+    from .io import read_spectra
+
+    if len(inputs) != 1 or not Path(inputs[0]).is_file():
+        return
+    if Path(inputs[0]).stat().st_size > SINGLE_FILE_CHECK_BYTES:  # a large bundle: the pipeline streams it
+        return
+    read_spectra(inputs, visits=visits, resample_to=emulator, on_error="raise")
+
+
 def _cmd_fit(args) -> int:
     from .emulators.formats import load_emulator
     from .errors import InputError
@@ -123,6 +140,7 @@ def _cmd_fit(args) -> int:
         raise InputError("give -o CATALOG (.fits or .parquet), --out-dir DIR, or both")
     emulator = load_emulator(args.model, trust_pickle=args.trust_pickle)
     config = fit_config_from_args(args)
+    _check_single_survey_file(args.inputs, emulator, args.visits)
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.output).with_name(Path(args.output).stem + "_run")
     pcfg = PipelineConfig(workers=args.workers, chunk_size=args.chunk_size, resume=args.resume,
                           scheduler=args.scheduler, device=args.device, visits=args.visits,

@@ -82,10 +82,11 @@ class FitConfig:
         scaling), ``lm_factor`` its growth after a rejected step (doubling with each further one),
         ``lm_max_rejections`` rejected steps in a row before a star stops;
         ``scipy_tolerance`` (ftol = xtol = gtol of curve_fit), ``scipy_max_nfev``.
-    Uncertainties
+    Data
         ``pixel_mask_file``: pixels to leave out of every fit, on the data's grid: a text file of
         (start, end) wavelength intervals in Angstrom, or an npz/HDF5 boolean array ``mask`` (True = masked),
         read by :func:`paynekit.fitting.io_bundle.read_pixel_mask`.
+    Uncertainties
         ``noise_model``: a :class:`~paynekit.fitting.uncertainties.NoiseModel` or the path of one;
         ``parabola_uncertainty``: also the Zeta-Payne chi2-parabola errors (``zeta_e_<label>``), which need
         a resolving power (``resolution`` or ``parabola_resolution``).

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import struct
+import weakref
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -378,7 +379,15 @@ class FileRows:
 
 def read_file_rows(files, emulator, *, format=None, visits=False, reader_options=None,
                    resample_method="linear") -> FileRows:
-    """Read survey files one after another, resampled onto the emulator's grid; failures become rows."""
+    """Read survey files one after another, resampled onto the emulator's grid; failures become rows.
+
+    Every spectrum is then (re)normalised as The Payne does, a Chebyshev polynomial per region fitted on
+    continuum pixels, here the emulator's own (:func:`paynekit.continuum.continuum_pixels_from_emulator`:
+    pixels near 1 whose flux depends least on the labels, The Cannon's idea), so that data and model share
+    one continuum definition. Spectra a survey pipeline already normalised (aspcapStar) are renormalised
+    too: ASPCAP's continuum is not the one a given network was trained with (for the DR14 test star and
+    the binspec_plus network, reduced chi2 8.2 before, 1.2 after).
+    """
     from ..io import iter_spectra
 
     out = FileRows([], [], [])
@@ -389,6 +398,7 @@ def read_file_rows(files, emulator, *, format=None, visits=False, reader_options
             out.sources.append(path)
             out.source_rows.append(row)
             if isinstance(item, Spectrum):
+                item = _prenormalize(item, emulator)
                 out.items.append(item)
             else:
                 out.items.append((item.id or Path(item.path).name, f"unreadable input: {item.reason}"))
@@ -398,3 +408,20 @@ def read_file_rows(files, emulator, *, format=None, visits=False, reader_options
             out.source_rows.append(0)
             out.items.append((Path(path).name, f"unreadable input: {path}: the file holds no spectrum"))
     return out
+
+
+_CONTINUUM_PIXELS = weakref.WeakKeyDictionary()
+
+
+def _prenormalize(spectrum, emulator):
+    """Continuum-normalise one resampled spectrum on the emulator's continuum pixels (cached per emulator)."""
+    from ..continuum import ChebyshevContinuum, continuum_pixels_from_emulator
+    from ..instrument import default_continuum_regions
+
+    pixels = _CONTINUUM_PIXELS.get(emulator)
+    if pixels is None:
+        regions = default_continuum_regions(emulator.wavelength)
+        pixels = continuum_pixels_from_emulator(emulator, regions=regions)
+        _CONTINUUM_PIXELS[emulator] = pixels
+    regions = default_continuum_regions(spectrum.wavelength)
+    return ChebyshevContinuum(regions=regions).normalize(spectrum, pixels)
