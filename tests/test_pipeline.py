@@ -289,6 +289,8 @@ def test_bad_files_bad_rows_and_failing_fits_become_flagged_rows(data, tmp_path,
     # the other stars of the chunk that was refitted one at a time are fine
     good = [i for i in range(40) if ids[i] not in bad]
     assert len(good) == 37 and not np.any(np.isnan(np.asarray(t["teff"][good])))
+    with pytest.raises(InputError, match="garbage.fits"):
+        load_model_spectra(tmp_path / "run", ["garbage.fits"]).data_for(0)
     assert list(t["input_index"]) == list(range(43))
 
 
@@ -320,6 +322,13 @@ def test_model_spectra_load_by_id_and_index(data, reference):
     # the model is a fit to the data: residuals at the noise level
     resid = (data["batch"].flux[[7, 100, 239]] - models.model_flux) * SNR
     assert 0.8 < np.std(resid) < 1.2
+    # the observed spectrum as it was fitted, for plots
+    wl, flux, ivar, mask = models.data_for(1)
+    assert not mask.any()
+    np.testing.assert_array_equal(wl, data["emu"].wavelength)
+    np.testing.assert_array_equal(flux, data["batch"].flux[100])
+    np.testing.assert_array_equal(ivar, data["batch"].ivar[100])
+    assert models.sources[1] == str(Path(data["h5"]).resolve()) and models.source_rows[1] == 100
     by_index = load_model_spectra(reference["out"], input_index=[100])
     np.testing.assert_array_equal(by_index.model_flux[0], models.model_flux[1])
     assert by_index.ids == [ids[1]]

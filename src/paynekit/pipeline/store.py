@@ -24,6 +24,7 @@ import logging
 import os
 import secrets
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
 
 import numpy as np
@@ -425,7 +426,8 @@ class ModelSpectra:
     """Best-fit spectra of some catalog rows: ``model_flux`` and ``continuum`` (n, P) on ``wavelength``.
 
     ``model_flux`` includes the continuum (divide by ``continuum`` for the normalised model); NaN for
-    rows that were not fitted and pixels the model does not cover.
+    rows that were not fitted and pixels the model does not cover. ``sources`` and ``source_rows`` say
+    where each spectrum came from; :meth:`data_for` reads the observed spectrum as it was fitted.
     """
 
     ids: list
@@ -433,6 +435,41 @@ class ModelSpectra:
     wavelength: np.ndarray
     model_flux: np.ndarray
     continuum: np.ndarray
+    sources: list = dc_field(default_factory=list)
+    source_rows: list = dc_field(default_factory=list)
+    reading: dict = dc_field(default_factory=dict, repr=False)
+
+    def data_for(self, i: int):
+        """(wavelength, flux, ivar, mask) of the observed spectrum ``i``, on the grid it was fitted on.
+
+        Bundle rows are read from the bundle; survey files are read again and resampled onto the model
+        grid as the run did. Spectra passed in memory are not kept by the run: an InputError says so.
+        """
+        from .sources import MEMORY_SOURCE, bundle_shape, read_bundle_rows
+
+        src, row = self.sources[i], int(self.source_rows[i])
+        if src == MEMORY_SOURCE:
+            raise InputError(f"spectrum {self.ids[i]!r} was passed to the run in memory; the run folder does not "
+                             "keep input data")
+        path = Path(src)
+        if not path.exists():
+            raise InputError(f"{src}: the input of spectrum {self.ids[i]!r} no longer exists")
+        shape = bundle_shape(path)
+        if shape is not None:
+            b = read_bundle_rows(src, shape[0], row, row + 1)
+            return b.wavelength, b.flux[0], b.ivar[0], b.mask[0]
+        from ..io import iter_spectra
+
+        r = self.reading
+        items = list(iter_spectra([src], format=r.get("format"), visits=r.get("visits", False),
+                                  options=r.get("reader_options") or {}, resample_to=self.wavelength,
+                                  resample_medium=r.get("wavelength_medium", "vacuum"),
+                                  resample_method=r.get("resample_method", "linear")))
+        if row >= len(items) or not hasattr(items[row], "flux"):
+            reason = getattr(items[row], "reason", "") if row < len(items) else "fewer spectra than when fitted"
+            raise InputError(f"{src}: cannot read spectrum {self.ids[i]!r} again ({reason})")
+        s = items[row]
+        return s.wavelength, s.flux, s.ivar, s.mask
 
 
 def load_model_spectra(out_dir, ids=None, *, input_index=None) -> ModelSpectra:
@@ -461,13 +498,15 @@ def load_model_spectra(out_dir, ids=None, *, input_index=None) -> ModelSpectra:
     found: dict = {}
     offset = 0
     for cid, path in parts:
-        patable = read_part(path).select(["id", "chunk_row"])
+        patable = read_part(path).select(["id", "chunk_row", "source", "source_row"])
         chunk_ids = patable.column("id").to_pylist()
         rows = patable.column("chunk_row").to_numpy()
         for k, (sid, r) in enumerate(zip(chunk_ids, rows)):
             key = sid if by_id else offset + k
             if key in wanted:
-                found.setdefault(key, []).append((cid, int(r), offset + k if complete else -1, sid))
+                found.setdefault(key, []).append((cid, int(r), offset + k if complete else -1, sid,
+                                                  patable.column("source")[k].as_py(),
+                                                  patable.column("source_row")[k].as_py()))
         offset += len(chunk_ids)
     picks = []
     for key in keys:
@@ -482,7 +521,7 @@ def load_model_spectra(out_dir, ids=None, *, input_index=None) -> ModelSpectra:
     flux_rows, cont_rows = [], []
     handles = {}
     try:
-        for cid, row, _, _ in picks:
+        for cid, row, *_ in picks:
             if cid not in handles:
                 handles[cid] = h5py.File(manifest.model_path(cid), "r")
             fh = handles[cid]
@@ -500,6 +539,10 @@ def load_model_spectra(out_dir, ids=None, *, input_index=None) -> ModelSpectra:
         for fh in handles.values():
             fh.close()
     p = 0 if wl is None else wl.size
+    pcfg = manifest.data.get("pipeline_config", {})
+    reading = {k: pcfg.get(k) for k in ("format", "visits", "reader_options", "resample_method")}
+    reading["wavelength_medium"] = manifest.data.get("emulator", {}).get("wavelength_medium", "vacuum")
     return ModelSpectra([h[3] for h in picks], np.array([h[2] for h in picks], dtype=np.int64),
                         wl if wl is not None else np.empty(0),
-                        np.array(flux_rows).reshape(len(picks), p), np.array(cont_rows).reshape(len(picks), p))
+                        np.array(flux_rows).reshape(len(picks), p), np.array(cont_rows).reshape(len(picks), p),
+                        [h[4] for h in picks], [h[5] for h in picks], reading)
