@@ -182,8 +182,11 @@ def training_set_hash(labels, flux, wavelength=None, ivar=None) -> str:
     """Short hex sha256 of a training set (labels, flux, wavelength and ivar if given).
 
     Values are hashed as little-endian float64 with their shapes, so a float32 grid and its float64
-    copy hash alike. Stored in model files to tie a model to the data it was trained on.
+    copy hash alike. With ivar, the flux of pixels with ivar = 0 is hashed as 0 (it carries no
+    information and may be NaN). Stored in model files to tie a model to the data it was trained on.
     """
+    if ivar is not None:
+        flux = np.where(np.asarray(ivar) > 0, flux, 0.0)
     h = hashlib.sha256()
     for name, arr in (("labels", labels), ("flux", flux), ("wavelength", wavelength), ("ivar", ivar)):
         if arr is None:

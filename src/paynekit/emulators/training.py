@@ -100,7 +100,12 @@ class TrainConfig:
         ``cosine`` decays the rate from ``learning_rate`` to ``learning_rate * min_lr_fraction`` over
         the budget (the fraction used of max_steps, max_epochs or time_budget_s, whichever is
         furthest along); ``plateau`` halves it after ``plateau_patience`` evaluations without
-        improvement.
+        improvement. Cosine is the default because the budget is known: decaying to ~0 exactly at
+        its end gives the lowest final error for that budget (and a time budget is honoured by the
+        schedule itself), whereas a plateau schedule spends its time at a too-high rate until the
+        validation loss stalls and needs its patience tuned to the data set. Note that with a time
+        budget the schedule follows the clock, so only step- or epoch-limited runs are bitwise
+        reproducible.
     warmup_fraction : float
         Linear warm-up over this fraction of the budget (cosine schedule only).
     min_lr_fraction : float
@@ -124,8 +129,14 @@ class TrainConfig:
     device : {"cpu", "cuda"}
     dtype : {"float32", "float64"}
         Precision of training (the exported PayneMLP is float64 either way).
-    num_threads : int or None
+    num_threads : int, "auto" or None
         Torch intra-op threads during training (restored afterwards); None leaves torch's setting.
+        On a machine shared with other busy processes 1 thread can be many times faster than 2
+        (the threads wait on each other at every operation), while on an idle 2-core machine 2
+        threads are ~1.6x faster. ``"auto"`` starts on 1 thread and compares it with torch's setting
+        during training (a few steps each, repeated as the load changes), keeping the faster; since
+        the thread count changes the order of floating-point sums, "auto" runs are not bitwise
+        reproducible.
     progress : bool or None
         tqdm progress bar; None = only when stderr is a terminal.
     checkpoint_every_s : float
@@ -136,7 +147,7 @@ class TrainConfig:
     activation: str = "leaky_relu"
     optimizer: str = "radam"
     loss: str = "l2"
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-2
     betas: tuple[float, float] = (0.9, 0.99)
     batch_size: int = 512
     weight_decay: float = 0.0
@@ -155,7 +166,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
-    num_threads: int | None = None
+    num_threads: int | str | None = None
     progress: bool | None = None
     checkpoint_every_s: float = 60.0
 
@@ -178,14 +189,18 @@ class TrainConfig:
         positive = {"learning_rate": self.learning_rate, "batch_size": self.batch_size,
                     "eval_every": self.eval_every, "plateau_patience": self.plateau_patience,
                     "checkpoint_every_s": self.checkpoint_every_s}
-        for name in ("max_epochs", "max_steps", "time_budget_s", "patience", "n_components", "num_threads"):
+        if self.num_threads is not None and self.num_threads != "auto" and (
+                isinstance(self.num_threads, (str, bool)) or int(self.num_threads) != self.num_threads
+                or self.num_threads < 1):
+            raise InputError(f"num_threads must be a positive int, 'auto' or None, got {self.num_threads!r}")
+        for name in ("max_epochs", "max_steps", "time_budget_s", "patience", "n_components"):
             if getattr(self, name) is not None:
                 positive[name] = getattr(self, name)
         for name, value in positive.items():
             if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
                 raise InputError(f"{name} must be a positive number, got {value!r}")
         for name in ("batch_size", "eval_every", "plateau_patience", "max_epochs", "max_steps", "patience",
-                     "n_components", "num_threads", "seed"):
+                     "n_components", "seed"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or int(value) != value):
                 raise InputError(f"{name} must be an integer, got {value!r}")
@@ -241,47 +256,53 @@ def _torch():
 _POWER_ITERATIONS = 1
 
 
-def _orthonormal_columns(y: np.ndarray) -> np.ndarray:
-    """Orthonormal basis of the column space of a tall (n, k) matrix, through the small k x k Gram matrix.
+def _orthonormal_columns(y):
+    """Orthonormal basis of the column space of a tall (n, k) torch matrix, via its k x k Gram matrix.
 
     Matrix products only (LAPACK's QR of a tall matrix is slow on a busy machine); the columns of
     negligible weight are dropped. Orthonormal to about eps * cond(y)**2, plenty for a range finder.
     """
-    evals, v = np.linalg.eigh(y.T @ y)
+    import torch
+
+    evals, v = torch.linalg.eigh(y.T @ y)
     keep = evals > evals.max() * 1e-13
-    return (y @ v[:, keep]) / np.sqrt(evals[keep])
+    return (y @ v[:, keep]) / torch.sqrt(evals[keep])
 
 
-def principal_basis(z: np.ndarray, n_components: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def principal_basis(z, n_components: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Leading principal directions (r, P) of the rows of ``z`` (N, P) and their singular values.
 
     Exact (eigen-decomposition of a small Gram matrix) when N or P is not much larger than r, otherwise
-    a seeded randomised range finder with power iterations (Halko, Martinsson & Tropp 2011) reduces
-    ``z`` to k = 1.25 r + 10 rows first. Only matrix products and k x k eigenproblems are used, which
-    keeps this to seconds for thousands of spectra with thousands of pixels. Directions with a singular
-    value below 1e-6 of the largest are dropped (r may come out smaller than asked).
+    a seeded randomised range finder with a power iteration (Halko, Martinsson & Tropp 2011) reduces
+    ``z`` to k = 1.25 r + 10 rows first. Only matrix products and k x k eigenproblems are used, in
+    float64 torch (so that ``TrainConfig.num_threads`` applies), which keeps this to seconds for
+    thousands of spectra with thousands of pixels. Directions with a singular value below 1e-6 of the
+    largest are dropped (r may come out smaller than asked).
     """
-    n, p = z.shape
+    torch = _torch()
+    zt = torch.as_tensor(np.asarray(z, dtype=np.float64))
+    n, p = zt.shape
     r = min(n_components, n, p)
     k = min(r + r // 4 + 10, n, p)
     if p <= k:  # few pixels: the P x P Gram matrix is small
-        evals, v = np.linalg.eigh(z.T @ z)
-        order = np.argsort(evals)[::-1][:r]
-        s = np.sqrt(np.clip(evals[order], 0, None))
-        basis = v[:, order].T
+        evals, v = torch.linalg.eigh(zt.T @ zt)
+        evals, v = evals.flip(0)[:r], v.flip(1)[:, :r]
+        s = evals.clamp(min=0).sqrt()
+        basis = v.T
     else:
         if n <= k:  # few spectra: work with them directly
-            b = z
+            b = zt
         else:
-            rng = np.random.default_rng(seed)
-            q = _orthonormal_columns(z @ rng.standard_normal((p, k)))
-            for _ in range(_POWER_ITERATIONS):  # orthonormalised after every product, so the conditioning stays s_1/s_k
-                q = _orthonormal_columns(z @ _orthonormal_columns(z.T @ q))
-            b = q.T @ z  # (k, P): the rows of z projected on their dominant subspace
-        evals, u = np.linalg.eigh(b @ b.T)
-        order = np.argsort(evals)[::-1][:r]
-        s = np.sqrt(np.clip(evals[order], 0, None))
-        basis = (u[:, order].T @ b) / np.where(s > 0, s, 1.0)[:, None]
+            omega = torch.as_tensor(np.random.default_rng(seed).standard_normal((p, k)))
+            q = _orthonormal_columns(zt @ omega)
+            for _ in range(_POWER_ITERATIONS):  # orthonormalised after every product: conditioning s_1/s_k
+                q = _orthonormal_columns(zt @ _orthonormal_columns(zt.T @ q))
+            b = q.T @ zt  # (k, P): the rows of z projected on their dominant subspace
+        evals, u = torch.linalg.eigh(b @ b.T)
+        evals, u = evals.flip(0)[:r], u.flip(1)[:, :r]
+        s = evals.clamp(min=0).sqrt()
+        basis = (u.T @ b) / torch.where(s > 0, s, 1.0)[:, None]
+    s, basis = s.numpy(), basis.numpy()
     keep = s > s[0] * 1e-6 if s.size and s[0] > 0 else np.zeros(s.shape, bool)
     if not keep.any():
         raise InputError("the training flux does not vary (all spectra equal); nothing to learn")
@@ -409,8 +430,7 @@ class PayneTrainer:
                 raise InputError(f"wavelength has {wavelength.size} values but flux has {n_pix} pixels")
         from ..grids import training_set_hash
 
-        data_hash = training_set_hash(x_all, y_all if w_all is None else np.where(w_all > 0, y_all, 0.0),
-                                      wavelength, w_all)
+        data_hash = training_set_hash(x_all, y_all, wavelength, w_all)
 
         # validation split (seeded)
         if validation is not None:
@@ -446,12 +466,15 @@ class PayneTrainer:
                              "target_basis='pixels' for the L1 loss or for spectra with ivar")
 
         prev_threads = torch.get_num_threads()
-        if cfg.num_threads is not None:
+        if isinstance(cfg.num_threads, int):
             torch.set_num_threads(cfg.num_threads)
+        elif cfg.num_threads == "auto":  # the preparation runs on 1 thread, the safe choice when busy
+            torch.set_num_threads(1)
         try:
             run_hash = data_hash if validation is None else data_hash + training_set_hash(xv, yv, None, wv)
             state = _TrainState(cfg, basis, label_space, xt, yt, wt, xv, yv, wv, run_hash, torch,
                                 wavelength=wavelength, wavelength_medium=wavelength_medium)
+            state.max_threads = prev_threads
             if resume and checkpoint is not None and Path(checkpoint).exists():
                 state.load_checkpoint(Path(checkpoint))
             elif resume:
@@ -459,8 +482,7 @@ class PayneTrainer:
             state.run(t_start, checkpoint=None if checkpoint is None else Path(checkpoint), callback=callback)
             emulator = state.export(best=True)
         finally:
-            if cfg.num_threads is not None:
-                torch.set_num_threads(prev_threads)
+            torch.set_num_threads(prev_threads)
         emulator.meta.update({
             "training_set_hash": data_hash,
             "trained_by": "paynekit.emulators.training.PayneTrainer",
@@ -604,17 +626,22 @@ class _TrainState:
             r_default = round(PCA_COMPONENTS_PER_UNIT * cfg.hidden_sizes[-1])
             r = min(cfg.n_components or r_default, zt.shape[0], zt.shape[1])
             basis, _ = principal_basis(zt, r, cfg.seed)
-            ct = zt @ basis.T
+            torch = self.torch
+            b64 = torch.from_numpy(basis)
+
+            def project(z):  # coefficients and the squared norm outside the basis, per pixel and spectrum
+                z64 = torch.from_numpy(z)
+                c = z64 @ b64.T
+                perp = max(float((z64 * z64).sum() - (c * c).sum()), 0.0) / (z.shape[0] * self.n_pix)
+                return c.numpy(), perp
+
+            ct, self.perp_train = project(zt)
             scale = float(np.sqrt(np.mean(ct**2))) or 1.0
             self.mu, self.basis_matrix, self.scale, self.n_out = mu, basis, scale, basis.shape[0]
-            # squared norm of the data outside the basis: the floor of the L2 loss, per spectrum
-            self.perp_train = float(max(np.sum(zt**2) - np.sum(ct**2), 0.0)) / (zt.shape[0] * self.n_pix)
             self.y_train = self._tensor(ct / scale)
             self.w_train = None
             if xv is not None:
-                zv = yv - mu
-                cv = zv @ basis.T
-                self.perp_val = float(max(np.sum(zv**2) - np.sum(cv**2), 0.0)) / (zv.shape[0] * self.n_pix)
+                cv, self.perp_val = project(yv - mu)
                 self.y_val = self._tensor(cv / scale)
                 self.w_val = None
             log.info("training on %d principal components (%.3g of the variance outside the basis)",
@@ -720,6 +747,9 @@ class _TrainState:
             return elapsed0 + (time.perf_counter() - t_start) - paused
 
         last_ckpt = time.perf_counter()
+        tuner = None
+        if cfg.num_threads == "auto" and self.device.type == "cpu" and self.max_threads > 1:
+            tuner = _ThreadTuner(torch, self.max_threads)
         bar = _progress_bar(cfg, total=cfg.stopping_steps, initial=self.step)
         act = cfg.activation
         try:
@@ -743,6 +773,8 @@ class _TrainState:
                 loss.backward()
                 self.optimizer.step()
                 self.step += 1
+                if tuner is not None:
+                    tuner.after_step()
                 self.epoch_loss_sum += loss.detach() * idx.shape[0]  # a tensor: no device sync per step
                 self.epoch_loss_n += idx.shape[0]
                 if self.pos < self.n_train:
@@ -923,6 +955,60 @@ class _TrainState:
         self.history["epoch"] = [int(v) for v in self.history["epoch"]]
         self.history["step"] = [int(v) for v in self.history["step"]]
         log.info("resumed from %s at step %d (epoch %d, %.1f s)", path, self.step, self.epoch, self.elapsed)
+
+
+#: With ``num_threads="auto"``: steps timed per thread setting, and seconds between two comparisons.
+THREAD_PROBE_STEPS = 8
+THREAD_PROBE_EVERY_S = 20.0
+
+
+class _ThreadTuner:
+    """Compare 1 thread with torch's thread count on the running training, keep the faster.
+
+    Starts on 1 thread (the safe choice on a busy machine). After a short warm-up it times
+    ``THREAD_PROBE_STEPS`` steps with each setting and switches when the other is more than 10%
+    faster. Comparisons repeat because the load of a shared machine changes: after
+    ``THREAD_PROBE_EVERY_S`` seconds, and twice as long after each comparison that changed nothing (at
+    most 16 times), so a losing setting costs little. The caller restores torch's setting afterwards.
+    """
+
+    def __init__(self, torch, max_threads):
+        self.torch = torch
+        self.options = (1, max_threads)
+        self.current = 1
+        self.interval = THREAD_PROBE_EVERY_S
+        self.timing = {}
+        self._start("warmup", 1)
+
+    def _start(self, phase, threads):
+        self.phase, self.count, self.t0 = phase, 0, time.perf_counter()
+        self.torch.set_num_threads(threads)
+
+    def after_step(self):
+        self.count += 1
+        now = time.perf_counter()
+        if self.phase == "warmup":
+            if self.count >= 3:
+                self._start("time_current", self.current)
+        elif self.phase in ("time_current", "time_other"):
+            if self.count < THREAD_PROBE_STEPS:
+                return
+            self.timing[self.torch.get_num_threads()] = (now - self.t0) / self.count
+            if self.phase == "time_current":
+                other = self.options[1] if self.current == self.options[0] else self.options[0]
+                self._start("time_other", other)
+                return
+            fast = min(self.timing, key=self.timing.get)
+            if fast != self.current and self.timing[fast] < 0.9 * self.timing[self.current]:
+                log.info("num_threads='auto': %d thread(s) take %.3g s per step, %d take %.3g s; using %d",
+                         fast, self.timing[fast], self.current, self.timing[self.current], fast)
+                self.current = fast
+                self.interval = THREAD_PROBE_EVERY_S
+            else:
+                self.interval = min(2 * self.interval, 16 * THREAD_PROBE_EVERY_S)
+            self._start("idle", self.current)
+        elif now - self.t0 >= self.interval:
+            self._start("time_current", self.current)
 
 
 def _progress_bar(cfg, total, initial):
