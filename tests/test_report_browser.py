@@ -159,7 +159,9 @@ def test_demo_report_renders_in_browser(tmp_path):
     """The acceptance check: the report that ``paynekit demo`` writes, opened in Chromium."""
     demo = pytest.importorskip("paynekit.demo")
     kwargs = {"echo": lambda *a, **k: None} if "echo" in inspect.signature(demo.run_demo).parameters else {}
-    demo.run_demo(tmp_path / "demo", demo.DemoConfig(), **kwargs)
+    # the demo's own code path at a small size (the default run takes ~10 minutes)
+    small = demo.DemoConfig(n_train=120, n_validate=40, n_fit=6, train_time_s=8.0)
+    demo.run_demo(tmp_path / "demo", small, **kwargs)
     indexes = sorted((tmp_path / "demo").rglob("index.html"))
     assert indexes, "paynekit demo wrote no index.html"
     result = check_images_in_browser(indexes[0].parent, tmp_path / "work")
