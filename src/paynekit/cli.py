@@ -122,13 +122,16 @@ def _check_single_survey_file(inputs, emulator, visits) -> None:
 
     In a batch the same problem becomes a flagged row and the other files are fitted.
     """
+    from .errors import InputError
     from .io import read_spectra
 
     if len(inputs) != 1 or not Path(inputs[0]).is_file():
         return
     if Path(inputs[0]).stat().st_size > SINGLE_FILE_CHECK_BYTES:  # a large bundle: the pipeline streams it
         return
-    read_spectra(inputs, visits=visits, resample_to=emulator, on_error="raise")
+    result = read_spectra(inputs, visits=visits, resample_to=emulator)
+    if not result.spectra and result.failures:  # nothing in the file can be fitted
+        raise InputError(result.failures[0].reason)
 
 
 def _cmd_fit(args) -> int:
