@@ -69,6 +69,8 @@ def main(argv=None):
     ap.add_argument("--optimizer", choices=("radam", "adam"), default=None)
     ap.add_argument("--n-components", type=int, default=None)
     ap.add_argument("--loss", choices=("l1", "l2"), default=None)
+    ap.add_argument("--activation", choices=("leaky_relu", "sigmoid"), default=None)
+    ap.add_argument("--weight-decay", type=float, default=None)
     ap.add_argument("--target-basis", choices=("auto", "pca", "pixels"), default=None)
     ap.add_argument("--seed", type=int, default=0, help="training seed (the data seed is fixed)")
     ap.add_argument("--out", type=Path, default=None, help="write the trained models here")
@@ -91,7 +93,8 @@ def main(argv=None):
 
     overrides = {k: v for k, v in {"learning_rate": args.learning_rate, "batch_size": args.batch_size,
                                    "optimizer": args.optimizer, "n_components": args.n_components,
-                                   "loss": args.loss, "target_basis": args.target_basis}.items()
+                                   "loss": args.loss, "target_basis": args.target_basis,
+                                   "activation": args.activation, "weight_decay": args.weight_decay}.items()
                  if v is not None}
 
     def config(budget):
@@ -145,9 +148,9 @@ def main(argv=None):
     if first is not None:
         print(f"Anchor median reached within the {first[0]:.0f} s budget ({first[1]:.0f} s wall, "
               f"{ANCHOR['time_s'] / first[1]:.1f}x faster than the upstream trainer's ~17 min).")
-    print(f"Config: optimizer={cfg.optimizer}, lr={cfg.learning_rate}, batch={cfg.batch_size}, loss={cfg.loss}, "
+    print(f"Config: activation={cfg.activation}, optimizer={cfg.optimizer}, lr={cfg.learning_rate}, batch={cfg.batch_size}, loss={cfg.loss}, "
           f"schedule={cfg.schedule}, target_basis={cfg.target_basis}, n_components={cfg.n_components}, "
-          f"betas={cfg.betas}, dtype={cfg.dtype}")
+          f"betas={cfg.betas}, weight_decay={cfg.weight_decay}, dtype={cfg.dtype}")
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}, torch threads {threads or torch.get_num_threads()}; load average "
           f"{load_before[0]:.1f} before, {load_after[0]:.1f} after (shared machine: wall times are noisy). "

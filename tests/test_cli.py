@@ -86,6 +86,14 @@ def test_demo_runs_end_to_end_at_small_scale(tmp_path, capsys):
         assert (tmp_path / "demo").joinpath(summary["files"][name]).exists() or \
             __import__("pathlib").Path(summary["files"][name]).exists()
     assert "recovery against the truth" in capsys.readouterr().out
+    # the demo's model file is our own format again: it loads without pickle and names its grid
+    from paynekit import load_emulator
+    from paynekit.grids import read_grid
+
+    emu = load_emulator(tmp_path / "demo" / "model.npz")
+    grid = read_grid(tmp_path / "demo" / "grid.h5")
+    assert emu.meta["training_set_hash"] == grid.hash()
+    assert (tmp_path / "demo" / "model.npz").stat().st_size < 20 * 2**20
 
 
 def test_pixel_mask_file_equals_mask_array(tmp_path, small_mlp):

@@ -168,3 +168,10 @@ def test_pickle_only_when_trusted(small_mlp, tmp_path, rng):
     x = _interior_labels(small_mlp, rng)
     np.testing.assert_allclose(emu.predict(x), small_mlp.predict(x), rtol=1e-14)
     assert emu.label_names == small_mlp.label_names
+
+
+def test_save_refuses_a_hash_that_is_not_a_string(small_mlp, tmp_path):
+    """A non-string hash (e.g. the bound method ``grid.hash``) would be pickled into the npz."""
+    with pytest.raises(InputError, match="training_set_hash must be a str"):
+        save_emulator(small_mlp, tmp_path / "model.npz", training_set_hash=lambda: "abc")
+    assert not (tmp_path / "model.npz").exists()

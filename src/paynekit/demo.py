@@ -109,7 +109,7 @@ def run_demo(out_dir, config: DemoConfig | None = None, *, echo=None) -> dict:
     trainer.fit(train.labels, train.flux, label_space=synth.label_space, wavelength=synth.wavelength,
                 validation=(valid.labels, valid.flux))
     emulator = trainer.emulator_
-    model_path = save_emulator(emulator, out / "model.npz", training_set_hash=grid.hash)
+    model_path = save_emulator(emulator, out / "model.npz", training_set_hash=grid.hash())
     timings["train"] = time.perf_counter() - t0
     say(f"[2/5] trained {emulator} in {timings['train']:.0f} s -> {model_path}")
 

@@ -67,6 +67,10 @@ def save_emulator(emulator, path, *, training_set_hash: str = "", extra_meta: di
     path = Path(path)
     if emulator.kind not in _EMULATOR_CLASSES:
         raise InputError(f"cannot save an emulator of kind {emulator.kind!r}")
+    if not isinstance(training_set_hash, str):
+        raise InputError(
+            f"training_set_hash must be a str (e.g. TrainingGrid.hash()), got {type(training_set_hash).__name__}"
+        )
     meta = dict(emulator.meta)
     meta.update(extra_meta or {})
     ls = emulator.label_space
@@ -87,6 +91,9 @@ def save_emulator(emulator, path, *, training_set_hash: str = "", extra_meta: di
     }
     for key, value in emulator.to_arrays().items():
         arrays[f"param_{key}"] = value
+    objects = [k for k, v in arrays.items() if np.asarray(v).dtype == object]
+    if objects:  # np.savez would pickle these, and load_emulator (rightly) refuses pickles
+        raise InputError(f"cannot save {', '.join(objects)}: object arrays would need pickle")
     if path.suffix != ".npz":
         path = path.with_name(path.name + ".npz")
     path.parent.mkdir(parents=True, exist_ok=True)
