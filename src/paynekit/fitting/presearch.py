@@ -4,7 +4,9 @@
    continuum is fitted) with the emulator's spectrum at the centre of its box, on a uniform ln-lambda
    grid, by FFT; the peak (parabolic sub-pixel) anywhere in [-rv_range, rv_range] gives v0. With
    ``rv_method="grid"``: chi2 against the same template on a velocity grid instead.
-2. **Labels.** chi2 of ``presearch_size`` Sobol label vectors (scrambled with ``config.seed``) against
+2. **Labels.** chi2 of ``presearch_size`` Sobol label vectors (scrambled with ``config.seed``; the
+   fraction ``presearch_scaled_solar`` of them on the scaled-solar subspace, see
+   :func:`scaled_solar_points`) against
    every spectrum, shifted to the rest frame at v0, on at most ``presearch_max_pixels`` model pixels, as
    matrix products: ``chi2 = sum w d^2 - 2 (w d) F^T + w (F^2)^T``. With a fitted continuum the
    spectra are first divided by the centre template's continuum to rank all vectors, then the best
@@ -76,6 +78,68 @@ def sobol_points(n_points: int, n_dims: int, low: float, high: float, seed: int)
     return low + (high - low) * u
 
 
+#: Metallicity labels that [X/H] labels are tied to on the scaled-solar subspace (first one present).
+METALLICITY_LABELS = ("fe_h", "m_h")
+
+
+def _abundance_ties(names, metallicity):
+    """Indices of labels tied to the metallicity ([X/H]) and of labels set to 0 ([X/Fe], [X/M])."""
+    to_metal, to_zero = [], []
+    for i, name in enumerate(names):
+        low = name.lower()
+        if low == metallicity:
+            continue
+        if low.endswith("_h"):
+            to_metal.append(i)
+        elif low.endswith("_fe") or (low.endswith("_m") and low != "m_h"):
+            to_zero.append(i)
+    return np.array(to_metal, dtype=np.int64), np.array(to_zero, dtype=np.int64)
+
+
+def scaled_solar_points(fm: ForwardModel, n_points: int, low: float, high: float, seed: int) -> np.ndarray | None:
+    """Sobol label vectors (n_points, n_free_labels) on the scaled-solar subspace, or None if it has none.
+
+    The labels that are not abundances (teff, logg, v_turb, v_macro, 12C/13C, ...) and the metallicity
+    ([Fe/H], else [M/H]; its frozen value when frozen) are drawn from a scrambled Sobol sequence over the
+    box; every other [X/H] label is set to the metallicity and every [X/Fe] or [X/M] label (alpha_fe,
+    alpha_m, ...) to 0, in physical units, then clipped to the box. Returns None when the labels have no
+    metallicity label or no abundance label tied to it.
+    """
+    ls = fm.label_space
+    names = [n.lower() for n in ls.names]
+    metal = next((m for m in METALLICITY_LABELS if m in names), None)
+    if metal is None or n_points <= 0:
+        return None
+    im = names.index(metal)
+    to_metal, to_zero = _abundance_ties(names, metal)
+    tied = set(to_metal.tolist()) | set(to_zero.tolist())
+    free = [int(i) for i in fm.free]
+    if not tied.intersection(free):
+        return None
+    drawn = [i for i in free if i not in tied]
+    x = np.broadcast_to(fm.fixed_scaled, (n_points, fm.n_labels)).copy()
+    x[:, drawn] = sobol_points(n_points, len(drawn), low, high, seed + 1)
+    phys = ls.unscale(np.where(np.isfinite(x), x, 0.0))
+    phys[:, to_metal] = phys[:, [im]]
+    phys[:, to_zero] = 0.0
+    scaled = np.clip(ls.scale(phys), low, high)
+    return scaled[:, fm.free]
+
+
+def presearch_label_points(fm: ForwardModel, config) -> np.ndarray:
+    """The pre-search label vectors (scaled, free labels): Sobol over the box, part on the scaled-solar subspace."""
+    lo, hi = config.scaled_bounds
+    f = fm.n_free_labels
+    n = config.presearch_size
+    n_solar = int(round(config.presearch_scaled_solar * n))
+    solar = scaled_solar_points(fm, n_solar, lo, hi, config.seed) if n_solar else None
+    if solar is None:
+        return sobol_points(n, f, lo, hi, config.seed)
+    if n - n_solar == 0:
+        return solar
+    return np.concatenate([sobol_points(n - n_solar, f, lo, hi, config.seed), solar], axis=0)
+
+
 def _lsf(fm, flux):
     if fm.lsf is None:
         return flux
@@ -90,7 +154,7 @@ def build_presearch_grid(fm: ForwardModel, evaluator, config) -> PresearchGrid:
     if config.presearch_size == 0 or f == 0:
         theta = centre_theta
     else:
-        theta = sobol_points(config.presearch_size, f, lo, hi, config.seed)
+        theta = presearch_label_points(fm, config)
     x_full = fm.full_scaled(
         np.concatenate([theta, np.zeros((theta.shape[0], 1))], axis=1) if fm.fit_rv else theta
     )
