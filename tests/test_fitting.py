@@ -77,12 +77,16 @@ def test_forward_jacobian_equals_finite_differences(toy, data_grid):
         assert np.abs(fd - an)[cov].max() < 1e-5 * scale, f"parameter {k}"
 
 
+def _two_region_continuum_model(emu):
+    """Forward model with a degree-2 Chebyshev continuum in two regions, evaluated in float64."""
+    cfg = FitConfig(continuum=ChebyshevContinuum(2, regions=((15150.0, 15290.0), (15290.0, 15400.0))))
+    return build_forward_model(emu, emu.wavelength, cfg), EmulatorEvaluator(emu, "float64")
+
+
 def test_profiled_gradient_and_continuum_jacobian(toy):
     """With a fitted continuum, g = J^T W r equals -1/2 d chi2_min / d theta (envelope theorem)."""
     emu = toy.emu
-    cfg = FitConfig(continuum=ChebyshevContinuum(2, regions=((15150.0, 15290.0), (15290.0, 15400.0))))
-    fm = build_forward_model(emu, emu.wavelength, cfg)
-    ev = EmulatorEvaluator(emu, "float64")
+    fm, ev = _two_region_continuum_model(emu)
     rng = np.random.default_rng(2)
     x = toy.draw_labels(2, rng)
     data = toy.observe(x, [30.0, -12.0]) * (1.1 + 0.05 * np.linspace(-1, 1, emu.n_pixels))
@@ -104,6 +108,25 @@ def test_profiled_gradient_and_continuum_jacobian(toy):
     flux = model_spectra(fm, ev, theta, False)[:, 0]
     np.testing.assert_allclose(ne.model, flux * ne.continuum)
     np.testing.assert_allclose(fm.continuum.evaluate(ne.coefficients), ne.continuum, atol=1e-12)
+
+
+def test_normal_equations_in_cache_blocks_equal_one_block(toy, monkeypatch):
+    import paynekit.fitting.forward as forward
+
+    emu = toy.emu
+    fm, ev = _two_region_continuum_model(emu)
+    rng = np.random.default_rng(4)
+    x = toy.draw_labels(5, rng)
+    data = toy.observe(x, rng.uniform(-50, 50, 5)) + rng.normal(0, 0.01, (5, emu.n_pixels))
+    w = np.full(data.shape, 1e4) * fm.continuum.in_region
+    theta = np.column_stack([x, rng.uniform(-50, 50, 5)])
+    values = model_spectra(fm, ev, theta, True)
+    whole = normal_equations(fm, values, data, w)
+    monkeypatch.setattr(forward, "NORMAL_BLOCK_BYTES", 2 * values.shape[1] * values.shape[2] * 8)
+    blocked = normal_equations(fm, values, data, w)
+    np.testing.assert_allclose(blocked.H, whole.H, rtol=1e-12)
+    np.testing.assert_allclose(blocked.g, whole.g, rtol=1e-12, atol=1e-12 * np.abs(whole.g).max())
+    np.testing.assert_array_equal(blocked.chi2, whole.chi2)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -93,6 +93,21 @@ def test_fast_and_general_paths_agree_and_derivative_is_exact():
         assert np.max(np.abs(fd - d)[cov]) < 1e-4 * np.abs(d[cov]).max()
 
 
+def test_doppler_shift_in_cache_blocks_equals_one_block(monkeypatch):
+    """Rows are shifted in cache-sized blocks (views for runs of rows, copies otherwise): same numbers."""
+    import paynekit.instrument as instrument
+
+    rng = np.random.default_rng(3)
+    wl = np.concatenate([log_grid(300), log_grid(300)[-1] * np.exp(1.4e-5 * np.arange(100, 400))])
+    vals = rng.normal(size=(9, 3, wl.size)).astype(np.float32)
+    v = np.array([0.1, 0.2, -0.1, 151.0, 0.3, -399.0, 151.2, 0.0, -0.2])  # runs and scattered rows
+    r = DopplerResampler(wl, wl)
+    whole = r.apply(vals, v, derivative=True)
+    monkeypatch.setattr(instrument, "DOPPLER_BLOCK_BYTES", 2 * 3 * wl.size * 4)  # two rows per block
+    blocked = r.apply(vals, v, derivative=True)
+    np.testing.assert_array_equal(blocked, whole)
+
+
 def test_resampling_onto_another_grid():
     wl_model = log_grid(1200)
     wl_data = np.linspace(wl_model[10], wl_model[-10], 700)

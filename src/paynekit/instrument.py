@@ -51,6 +51,8 @@ UNIFORM_STEP_RTOL = 1e-6
 SAME_GRID_RTOL = 1e-9
 #: Wavelength tolerance (relative) for a pixel to sit on a region edge.
 REGION_EDGE_RTOL = 1e-9
+#: Bytes of model values (rows x channels x pixels) the numpy Doppler shift handles at a time (cache-sized).
+DOPPLER_BLOCK_BYTES = 1 << 21
 
 
 def doppler_factor(v_kms) -> np.ndarray:
@@ -324,38 +326,54 @@ class DopplerResampler:
             dw *= (-1.0 / ((SPEED_OF_LIGHT_KMS + v) * self.log_step))[:, None]
         extra = 1 if derivative else 0
         out = _zeros((n, c + extra, p), values)
+        # numpy: work on blocks of rows small enough to stay in a core's cache; the taps re-read the
+        # same memory five times, and on (n, C, P) arrays of tens of MB each pass otherwise goes to RAM
+        torch_mode = _is_torch(values)
+        block = n if torch_mode else max(1, DOPPLER_BLOCK_BYTES // max(1, c * p * values.itemsize))
+        tmp = None if torch_mode else np.empty((min(block, n), c, p), dtype=values.dtype)
         for s_u in np.unique(s):
-            rows = np.flatnonzero(s == s_u)
-            whole = rows.size == n
-            ri = None if whole else _index(rows, values)
-            src = values if whole else values[ri]
-            acc = out if whole else _zeros((rows.size, c + extra, p), values)
-            wk_np = w[rows]
-            wk = _const(wk_np, values)
-            dwk = _const(dw[rows], values) if derivative else None
-            tmp = None if _is_torch(values) else np.empty((rows.size, c, p), dtype=values.dtype)
-            for k in range(5):
-                if not np.any(wk_np[:, k]):
-                    continue
-                o = int(s_u) + k - 2
-                wcol = wk[:, k, None, None]
-                for seg in self.segments:
-                    a, b = seg.start, seg.stop
-                    lo, hi = min(a + max(0, -o), b), max(b - max(0, o), a)
-                    if hi > lo:
-                        piece = src[:, :, lo + o : hi + o]
-                        _axpy(acc[:, :c, lo:hi], wcol, piece, tmp)
-                        if derivative:
-                            acc[:, c, lo:hi] += dwk[:, k, None] * piece[:, 0, :]
-                    for e0, e1, edge in ((a, lo, a), (hi, b, b - 1)):
-                        if e1 > e0:
-                            piece = src[:, :, edge : edge + 1]
-                            acc[:, :c, e0:e1] += wcol * piece
-                            if derivative:
-                                acc[:, c, e0:e1] += dwk[:, k, None] * piece[:, 0, :]
-            if not whole:
-                out[ri] = acc
+            rows_all = np.flatnonzero(s == s_u)
+            for b0 in range(0, rows_all.size, block):
+                rows = rows_all[b0 : b0 + block]
+                self._shift_rows(values, out, rows, int(s_u), w, dw if derivative else None, tmp)
         return out
+
+    def _shift_rows(self, values, out, rows, s_u, w, dw, tmp):
+        """``out[rows]`` = values[rows] shifted by the integer ``s_u`` and interpolated with weights w."""
+        n, c, p = values.shape
+        derivative = dw is not None
+        contiguous = rows.size == rows[-1] - rows[0] + 1
+        if contiguous:  # views: no copies in and out
+            r0, r1 = int(rows[0]), int(rows[-1]) + 1
+            src, acc = values[r0:r1], out[r0:r1]
+        else:
+            ri = _index(rows, values)
+            src, acc = values[ri], _zeros((rows.size, out.shape[1], p), values)
+        wk_np = w[rows]
+        wk = _const(wk_np, values)
+        dwk = _const(dw[rows], values) if derivative else None
+        t = None if tmp is None else tmp[: rows.size]
+        for k in range(5):
+            if not np.any(wk_np[:, k]):
+                continue
+            o = s_u + k - 2
+            wcol = wk[:, k, None, None]
+            for seg in self.segments:
+                a, b = seg.start, seg.stop
+                lo, hi = min(a + max(0, -o), b), max(b - max(0, o), a)
+                if hi > lo:
+                    piece = src[:, :, lo + o : hi + o]
+                    _axpy(acc[:, :c, lo:hi], wcol, piece, t)
+                    if derivative:
+                        acc[:, c, lo:hi] += dwk[:, k, None] * piece[:, 0, :]
+                for e0, e1, edge in ((a, lo, a), (hi, b, b - 1)):
+                    if e1 > e0:
+                        piece = src[:, :, edge : edge + 1]
+                        acc[:, :c, e0:e1] += wcol * piece
+                        if derivative:
+                            acc[:, c, e0:e1] += dwk[:, k, None] * piece[:, 0, :]
+        if not contiguous:
+            out[ri] = acc
 
     def _apply_general(self, values, v, derivative):
         n, c, _p = values.shape

@@ -324,6 +324,9 @@ def solve_continuum(design: ContinuumDesign, flux, data, weights):
 #: products and, on a busy machine, their spin-waits made a 23 x 23 x 6000 product ~1000x slower.
 GRAM_BLOCK_MNK = 65536 * 4
 
+#: Bytes of Jacobian (rows x parameters x pixels) the numpy normal equations handle at a time (cache-sized).
+NORMAL_BLOCK_BYTES = 1 << 21
+
 
 def _matmul_blocked(a, b):
     """``a @ b`` for (..., M, K) @ (..., K, N), summed over blocks of K (see GRAM_BLOCK_MNK)."""
@@ -367,28 +370,43 @@ def normal_equations(fm: ForwardModel, values, data, weights, jacobian: bool = T
         return NormalEquations(
             to_numpy(chi2), None, None, model, cont, None if coef is None else to_numpy(coef)
         )
+    # H = J^T W J and g = J^T W r with J = jacobian x continuum, through js = J sqrt(W): one pass over the
+    # (n, F, P) Jacobian, done on blocks of rows that stay in cache (numpy) or at once (torch)
     jac = values[:, 1:, :]
-    w_lo = weights.to(jac.dtype) if torch_mode else weights.astype(jac.dtype, copy=False)
-    if design is not None:
-        c_lo = cont.to(jac.dtype) if torch_mode else cont.astype(jac.dtype, copy=False)
-        jac = jac * c_lo[:, None, :]
-    jw = jac * w_lo[:, None, :]
-    r_lo = resid.to(jac.dtype) if torch_mode else resid.astype(jac.dtype, copy=False)
-    h = _matmul_blocked(jw, jac.mT)
-    g = _matmul_blocked(jw, r_lo[:, :, None])[..., 0]
-    if torch_mode:
-        h, g = h.double(), g.double()
-    else:
-        h, g = h.astype(np.float64), g.astype(np.float64)
+    n, f, p = jac.shape
+    sw = weights.sqrt() if torch_mode else np.sqrt(weights)
+    scale = sw * cont if design is not None else sw
+    scale = scale.to(jac.dtype) if torch_mode else scale.astype(jac.dtype)
+    r_lo = sw * resid
+    r_lo = r_lo.to(jac.dtype) if torch_mode else r_lo.astype(jac.dtype)
     if design is not None:
         f64 = flux.double() if torch_mode else flux.astype(np.float64, copy=False)
-        for sl, basis, gram in zip(design.slices, design.bases, grams):
-            t = _to_like(basis, f64)
-            a_blk = f64[:, sl, None] * t[None, :, :]  # d model / d coefficients (n, P_r, D)
-            a_lo = a_blk.to(jw.dtype) if torch_mode else a_blk.astype(jw.dtype, copy=False)
-            cross = _matmul_blocked(jw[:, :, sl], a_lo)  # (n, F, D)
-            cross = cross.double() if torch_mode else cross.astype(np.float64)
-            h = h - cross @ _solve(gram + _ridge(gram), cross.mT)
+        swf = sw * f64
+        swf = swf.to(jac.dtype) if torch_mode else swf.astype(jac.dtype)
+        bases = [_to_like(basis, swf) for basis in design.bases]
+    block = n if torch_mode else max(1, NORMAL_BLOCK_BYTES // max(1, f * p * jac.itemsize))
+    hs, gs = [], []
+    for b0 in range(0, n, block):
+        b1 = min(n, b0 + block)
+        js = jac[b0:b1] * scale[b0:b1, None, :]
+        h_b = _matmul_blocked(js, js.mT)
+        g_b = _matmul_blocked(js, r_lo[b0:b1, :, None])[..., 0]
+        h_b = h_b.double() if torch_mode else h_b.astype(np.float64)
+        g_b = g_b.double() if torch_mode else g_b.astype(np.float64)
+        if design is not None:
+            for sl, t, gram in zip(design.slices, bases, grams):
+                a_blk = swf[b0:b1, sl, None] * t[None, :, :]  # sqrt(W) d model / d coefficients (b, P_r, D)
+                cross = _matmul_blocked(js[:, :, sl], a_blk)  # (b, F, D)
+                cross = cross.double() if torch_mode else cross.astype(np.float64)
+                h_b = h_b - cross @ _solve(gram[b0:b1] + _ridge(gram[b0:b1]), cross.mT)
+        hs.append(h_b)
+        gs.append(g_b)
+    if torch_mode:
+        import torch
+
+        h, g = torch.cat(hs), torch.cat(gs)
+    else:
+        h, g = np.concatenate(hs), np.concatenate(gs)
     return NormalEquations(
         to_numpy(chi2).astype(np.float64),
         to_numpy(h),
