@@ -93,6 +93,11 @@ def _report(title, n, grid_s, results, truth, names, show, v_true=None):
             for t, _ in results.values()
         )
         print(f"| v_rel (km/s) | {cells} | {np.nanmedian(results['batched'][0]['e_v_rel']):.3g} |")
+        dv = np.asarray(results["batched"][0]["v_rel"]) - v_true
+        print(
+            f"\nbatched v_rel - truth: robust sigma (1.4826 MAD) {1.4826 * np.median(np.abs(dv - np.median(dv))):.3g} "
+            f"km/s, |dv| > 1 km/s for {int(np.sum(np.abs(dv) > 1))} of {dv.size}"
+        )
     tb, ts = results["batched"][0], results["scipy"][0]
     diffs = []
     for label in show:
