@@ -83,7 +83,9 @@ class FitConfig:
         ``frozen``: {label: value} held fixed. ``priors``: {label: (mean, sigma)} Gaussian priors in
         physical units. ``scaled_bounds``: the box in scaled labels (The Payne's [-0.5, 0.5]).
     Convergence
-        ``max_iterations``; ``chi2_tolerance``: stop when the Gauss-Newton decrement (the chi2 still to
+        ``max_iterations`` (200: with 25 labels most stars converge in ~30 iterations, but ~2 % crawl along
+        a degenerate valley for 100-200; on 400 mock APOGEE stars 100 left 8 of them flagged not converged,
+        200 none, at the same mean cost); ``chi2_tolerance``: stop when the Gauss-Newton decrement (the chi2 still to
         gain, about (distance / sigma)^2) or the gain of the last step is below it (0.01: a tenth of a
         formal sigma); ``lm_damping`` initial Levenberg-Marquardt damping (Marquardt's diagonal
         scaling), ``lm_factor`` its growth after a rejected step (doubling with each further one),
@@ -127,7 +129,7 @@ class FitConfig:
     frozen: dict = field(default_factory=dict)
     priors: dict = field(default_factory=dict)
     scaled_bounds: tuple = (-0.5, 0.5)
-    max_iterations: int = 100
+    max_iterations: int = 200
     chi2_tolerance: float = 1e-2
     lm_damping: float = 1e-3
     lm_factor: float = 2.0
