@@ -178,6 +178,24 @@ def presearch_grid(
     return build_presearch_grid(fm, EmulatorEvaluator(emulator, config.dtype, "numpy"), config)
 
 
+def _pick_best(res, n_stars, k):
+    """Per star the best of its ``k`` consecutive results in ``res`` (copies; n_iter summed over starts)."""
+    objective = np.where(np.isfinite(res.objective), res.objective, np.inf).reshape(n_stars, k)
+    pick = np.argmin(objective, axis=1)
+    chosen = np.arange(n_stars) * k + pick
+    return {
+        "pick": pick,
+        "objective": objective[np.arange(n_stars), pick],
+        "theta": res.theta[chosen],
+        "cov": res.cov[chosen],
+        "chi2": res.chi2[chosen],
+        "n_iter": res.n_iter.reshape(n_stars, k).sum(axis=1),
+        "failure": [res.failure[c] for c in chosen],
+        "model": res.model[chosen],
+        "continuum": res.continuum[chosen] if res.continuum is not None else None,
+    }
+
+
 def fit(
     emulator,
     spectra,
@@ -278,12 +296,17 @@ def fit(
 
     rows = np.array([i for i in range(n) if not bad[i]], dtype=np.int64)
     csize = _chunk_size(fm, config)
+    n_restart = 0
+    if config.restart_reduced_chi2 is not None:  # as many more candidates as the pre-search set holds
+        n_restart = max(0, min(config.restart_starts, max(config.presearch_size, 1) - config.n_starts))
+    pre_config = config.replace(n_starts=config.n_starts + n_restart) if n_restart else config
     for start in range(0, rows.size, csize):
         idx = rows[start : start + csize]
         d, w = data[idx], weights[idx]
-        pre = presearch(grid, fm, grid_eval, d, w, config)
+        pre = presearch(grid, fm, grid_eval, d, w, pre_config)
         m = idx.size
-        k = pre.theta.shape[1]
+        k = min(config.n_starts, pre.theta.shape[1])
+        extra = pre.theta.shape[1] - k  # candidates kept for restarts
         lower = np.full((m, nf), lo_s)
         upper = np.full((m, nf), hi_s)
         if fm.fit_rv:
@@ -304,48 +327,59 @@ def fit(
         if not np.any(ok):
             continue
         sub = np.flatnonzero(ok)
-        rep = np.repeat(sub, k)
-        th0 = pre.theta[sub].reshape(-1, nf)
-        lo_r, hi_r = lower[rep], upper[rep]
-        if batched:
-            res = batched_levenberg_marquardt(fm, fit_eval, d[rep], w_fit[rep], th0, lo_r, hi_r, config)
+
+        def optimise(stars, starts):
+            """Fit chunk rows ``stars`` (repeated per start) from ``starts`` (len(stars), F)."""
+            lo_r, hi_r = lower[stars], upper[stars]
+            if not batched:
+                return scipy_reference(fm, fit_eval, d[stars], w_fit[stars], starts, lo_r, hi_r, config)
+            res = batched_levenberg_marquardt(fm, fit_eval, d[stars], w_fit[stars], starts, lo_r, hi_r, config)
             if config.polish_float64 and config.dtype != "float64":
                 ev64 = EmulatorEvaluator(emulator, "float64", config.backend, config.device)
                 first_iters = res.n_iter
                 res = batched_levenberg_marquardt(
-                    fm,
-                    ev64,
-                    d[rep],
-                    w_fit[rep],
-                    res.theta,
-                    lo_r,
-                    hi_r,
-                    config,
+                    fm, ev64, d[stars], w_fit[stars], res.theta, lo_r, hi_r, config,
                     max_iterations=POLISH_ITERATIONS,
                 )
                 res.n_iter = res.n_iter + first_iters
-        else:
-            res = scipy_reference(fm, fit_eval, d[rep], w_fit[rep], th0, lo_r, hi_r, config)
-        objective = np.where(np.isfinite(res.objective), res.objective, np.inf).reshape(sub.size, k)
-        pick = np.argmin(objective, axis=1)
-        chosen = np.arange(sub.size) * k + pick
+            return res
+
+        res = optimise(np.repeat(sub, k), pre.theta[sub, :k].reshape(-1, nf))
+        best = _pick_best(res, sub.size, k)
+        best["start"] = pre.theta[sub, best["pick"]]
+        best["pre_chi2"] = pre.chi2[sub, best["pick"]]
+        if extra:
+            # stars left with a poor fit (a local minimum, most often) get the next pre-search candidates
+            dof = np.maximum(used[sub] - n_total_params, 1)
+            redo = np.flatnonzero(np.isfinite(best["chi2"]) & (best["chi2"] / dof > config.restart_reduced_chi2))
+            if redo.size:
+                rows_r = sub[redo]
+                res2 = optimise(np.repeat(rows_r, extra), pre.theta[rows_r, k:].reshape(-1, nf))
+                second = _pick_best(res2, redo.size, extra)
+                best["n_iter"][redo] += second["n_iter"]
+                better = second["objective"] < best["objective"][redo]
+                for key in ("theta", "cov", "chi2", "objective", "model", "continuum"):
+                    if best[key] is not None:
+                        best[key][redo[better]] = second[key][better]
+                for j in np.flatnonzero(better):
+                    best["failure"][redo[j]] = second["failure"][j]
+                    best["start"][redo[j]] = pre.theta[rows_r[j], k + second["pick"][j]]
+                    best["pre_chi2"][redo[j]] = pre.chi2[rows_r[j], k + second["pick"][j]]
         tgt = idx[sub]
-        theta_out[tgt] = res.theta[chosen]
-        cov_out[tgt] = res.cov[chosen]
-        chi2_out[tgt] = res.chi2[chosen]
-        iters[tgt] = res.n_iter.reshape(sub.size, k).sum(axis=1)
+        theta_out[tgt] = best["theta"]
+        cov_out[tgt] = best["cov"]
+        chi2_out[tgt] = best["chi2"]
+        iters[tgt] = best["n_iter"]
         n_used[tgt] = used[sub]
-        start_out[tgt] = pre.theta[sub, pick]
-        pre_chi2[tgt] = pre.chi2[sub, pick]
+        start_out[tgt] = best["start"]
+        pre_chi2[tgt] = best["pre_chi2"]
         vbounds[tgt] = np.stack([lower[sub, -1], upper[sub, -1]], axis=1) if fm.fit_rv else 0.0
-        for j, c in enumerate(chosen):
-            failure[tgt[j]] = res.failure[c]
+        for j in range(sub.size):
+            failure[tgt[j]] = best["failure"][j]
         if return_models:
             cov_mask = cover[sub]
-            models[tgt] = np.where(cov_mask, res.model[chosen], np.nan)
-            conts[tgt] = np.where(
-                cov_mask, res.continuum[chosen] if res.continuum is not None else 1.0, np.nan
-            )
+            models[tgt] = np.where(cov_mask, best["model"], np.nan)
+            conts[tgt] = np.where(cov_mask, best["continuum"] if best["continuum"] is not None else 1.0, np.nan)
         if config.parabola_uncertainty:
             wl_used = inp.wavelength[np.any(w_fit[sub] > 0, axis=0)]
             n_deg = zeta_payne_n_deg(config.parabola_resolution or config.resolution, wl_used[0], wl_used[-1])
