@@ -79,9 +79,10 @@ def test_bad_freeze_argument(tmp_path, capsys, small_mlp):
 def test_demo_runs_end_to_end_at_small_scale(tmp_path, capsys):
     import json
 
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--n-train", "120", "--n-fit", "6",
-                 "--train-time", "8"]) == 0
+    small = ["--n-train", "120", "--n-fit", "6", "--train-steps", "150", "--train-time", "600"]
+    assert main(["demo", "--out", str(tmp_path / "demo"), *small]) == 0
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["training"] == {"steps": 150, "stopped_because": "max_steps"}
     for name in ("grid", "model", "catalog", "report"):
         assert (tmp_path / "demo").joinpath(summary["files"][name]).exists() or \
             __import__("pathlib").Path(summary["files"][name]).exists()

@@ -28,7 +28,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _cmd_demo(args) -> int:
     from .demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(n_train=args.n_train, n_fit=args.n_fit, seed=args.seed, train_time_s=args.train_time)
+    cfg = DemoConfig(n_train=args.n_train, n_fit=args.n_fit, seed=args.seed, train_steps=args.train_steps,
+                     train_time_s=args.train_time)
     run_demo(Path(args.out), cfg, echo=print)
     return 0
 
@@ -211,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="paynekit-demo", help="output folder (default ./paynekit-demo)")
     p.add_argument("--n-train", type=int, default=None, help="grid size (default from DemoConfig)")
     p.add_argument("--n-fit", type=int, default=None, help="number of mock observations to fit")
-    p.add_argument("--train-time", type=float, default=None, help="training time budget in seconds")
+    p.add_argument("--train-steps", type=int, default=None, help="training steps (default from DemoConfig)")
+    p.add_argument("--train-time", type=float, default=None,
+                   help="cap on the training time in seconds (a run that reaches it is not reproducible)")
     p.add_argument("--seed", type=int, default=None)
     _add_common(p)
     p.set_defaults(func=_cmd_demo)
