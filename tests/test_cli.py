@@ -79,7 +79,7 @@ def test_bad_freeze_argument(tmp_path, capsys, small_mlp):
 def test_demo_runs_end_to_end_at_small_scale(tmp_path, capsys):
     import json
 
-    small = ["--n-train", "120", "--n-fit", "6", "--train-steps", "150", "--train-time", "600"]
+    small = ["--n-train", "120", "--n-fit", "6", "--train-steps", "150"]
     assert main(["demo", "--out", str(tmp_path / "demo"), *small]) == 0
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["training"] == {"steps": 150, "stopped_because": "max_steps"}
@@ -97,6 +97,16 @@ def test_demo_runs_end_to_end_at_small_scale(tmp_path, capsys):
     # the 2 x 300 weights on 8575 pixels are 21.4 MB in float64; nothing else of size (the old bug pickled
     # the whole grid in, 7+ MB here)
     assert (tmp_path / "demo" / "model.npz").stat().st_size < 21.6e6
+    # training is limited by steps, not the clock: a second run gives the same catalog
+    assert main(["demo", "--out", str(tmp_path / "again"), *small]) == 0
+    from paynekit.catalog import read_catalog
+
+    first = read_catalog(tmp_path / "demo" / "catalog.fits")
+    second = read_catalog(tmp_path / "again" / "catalog.fits")
+    assert first.colnames == second.colnames
+    for name in first.colnames:
+        a, b = np.asarray(first[name]), np.asarray(second[name])
+        assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), name
 
 
 def test_pixel_mask_file_equals_mask_array(tmp_path, small_mlp):

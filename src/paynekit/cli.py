@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-fit", type=int, default=None, help="number of mock observations to fit")
     p.add_argument("--train-steps", type=int, default=None, help="training steps (default from DemoConfig)")
     p.add_argument("--train-time", type=float, default=None,
-                   help="cap on the training time in seconds (a run that reaches it is not reproducible)")
+                   help="cap on the training time in seconds (off by default: with it the result depends on the machine's speed)")
     p.add_argument("--seed", type=int, default=None)
     _add_common(p)
     p.set_defaults(func=_cmd_demo)
