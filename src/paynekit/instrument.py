@@ -340,7 +340,7 @@ class DopplerResampler:
 
     def _shift_rows(self, values, out, rows, s_u, w, dw, tmp):
         """``out[rows]`` = values[rows] shifted by the integer ``s_u`` and interpolated with weights w."""
-        n, c, p = values.shape
+        _, c, p = values.shape
         derivative = dw is not None
         contiguous = rows.size == rows[-1] - rows[0] + 1
         if contiguous:  # views: no copies in and out

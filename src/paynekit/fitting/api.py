@@ -178,13 +178,17 @@ def presearch_grid(
     return build_presearch_grid(fm, EmulatorEvaluator(emulator, config.dtype, "numpy"), config)
 
 
-def _pick_best(res, n_stars, k):
-    """Per star the best of its ``k`` consecutive results in ``res`` (copies; n_iter summed over starts)."""
+def _pick_best(res, starts, start_chi2):
+    """Per star the best of its k consecutive results in ``res`` (copies; n_iter summed over the starts).
+
+    ``starts`` (n_stars, k, F) and ``start_chi2`` (n_stars, k) are the pre-search points the k fits began
+    from; the chosen one is returned as ``start`` and ``pre_chi2``.
+    """
+    n_stars, k = start_chi2.shape
     objective = np.where(np.isfinite(res.objective), res.objective, np.inf).reshape(n_stars, k)
     pick = np.argmin(objective, axis=1)
     chosen = np.arange(n_stars) * k + pick
     return {
-        "pick": pick,
         "objective": objective[np.arange(n_stars), pick],
         "theta": res.theta[chosen],
         "cov": res.cov[chosen],
@@ -193,6 +197,8 @@ def _pick_best(res, n_stars, k):
         "failure": [res.failure[c] for c in chosen],
         "model": res.model[chosen],
         "continuum": res.continuum[chosen] if res.continuum is not None else None,
+        "start": starts[np.arange(n_stars), pick],
+        "pre_chi2": start_chi2[np.arange(n_stars), pick],
     }
 
 
@@ -345,9 +351,7 @@ def fit(
             return res
 
         res = optimise(np.repeat(sub, k), pre.theta[sub, :k].reshape(-1, nf))
-        best = _pick_best(res, sub.size, k)
-        best["start"] = pre.theta[sub, best["pick"]]
-        best["pre_chi2"] = pre.chi2[sub, best["pick"]]
+        best = _pick_best(res, pre.theta[sub, :k], pre.chi2[sub, :k])
         if extra:
             # stars left with a poor fit (a local minimum, most often) get the next pre-search candidates
             dof = np.maximum(used[sub] - n_total_params, 1)
@@ -355,16 +359,14 @@ def fit(
             if redo.size:
                 rows_r = sub[redo]
                 res2 = optimise(np.repeat(rows_r, extra), pre.theta[rows_r, k:].reshape(-1, nf))
-                second = _pick_best(res2, redo.size, extra)
+                second = _pick_best(res2, pre.theta[rows_r, k:], pre.chi2[rows_r, k:])
                 best["n_iter"][redo] += second["n_iter"]
                 better = second["objective"] < best["objective"][redo]
-                for key in ("theta", "cov", "chi2", "objective", "model", "continuum"):
+                for key in ("theta", "cov", "chi2", "objective", "model", "continuum", "start", "pre_chi2"):
                     if best[key] is not None:
                         best[key][redo[better]] = second[key][better]
                 for j in np.flatnonzero(better):
                     best["failure"][redo[j]] = second["failure"][j]
-                    best["start"][redo[j]] = pre.theta[rows_r[j], k + second["pick"][j]]
-                    best["pre_chi2"][redo[j]] = pre.chi2[rows_r[j], k + second["pick"][j]]
         tgt = idx[sub]
         theta_out[tgt] = best["theta"]
         cov_out[tgt] = best["cov"]
