@@ -19,7 +19,7 @@ from paynekit.fitting import (
     write_bundle,
 )
 from paynekit.fitting.forward import EmulatorEvaluator, build_forward_model, model_spectra, normal_equations
-from paynekit.instrument import ChebyshevContinuum, GaussianLSF
+from paynekit.instrument import ChebyshevContinuum, GaussianLSF, NoContinuum
 from paynekit.spectra import Spectrum, SpectrumBatch
 
 from ._fitting_toys import LineToy, linear_mlp, noisy
@@ -143,6 +143,38 @@ def test_normal_equations_in_cache_blocks_equal_one_block(toy, monkeypatch):
     np.testing.assert_allclose(blocked.H, whole.H, rtol=1e-12)
     np.testing.assert_allclose(blocked.g, whole.g, rtol=1e-12, atol=1e-12 * np.abs(whole.g).max())
     np.testing.assert_array_equal(blocked.chi2, whole.chi2)
+
+
+@pytest.mark.parametrize("continuum", [False, True])
+def test_fit_equations_in_star_blocks_equal_model_then_normal_equations(toy, continuum, monkeypatch):
+    """The optimiser's blocked path (emulator once, then instrument + normal equations per block of stars)
+    gives what model_spectra followed by normal_equations gives."""
+    import paynekit.fitting.forward as forward
+
+    emu = toy.emu
+    if continuum:
+        fm, ev = _two_region_continuum_model(emu)
+    else:
+        fm = build_forward_model(emu, emu.wavelength, FitConfig(continuum=NoContinuum()))
+        ev = EmulatorEvaluator(emu, dtype="float32")
+    rng = np.random.default_rng(5)
+    n = 7
+    x = toy.draw_labels(n, rng)
+    v = rng.uniform(-300, 300, n)
+    data = toy.observe(x, v) + rng.normal(0, 0.01, (n, emu.n_pixels))
+    w = np.full(data.shape, 1e4) * (fm.continuum.in_region if continuum else 1.0)
+    theta = np.column_stack([x, v])
+    whole = normal_equations(fm, model_spectra(fm, ev, theta, True), data, w)
+    per_star = (len(x[0]) + 2) * emu.n_pixels * 4
+    monkeypatch.setattr(forward, "FIT_BLOCK_BYTES", 3 * per_star)  # blocks of 3, 3 and 1 stars
+    blocked = forward.fit_equations(fm, ev, theta, data, w)
+    for name in ("chi2", "H", "g", "model", "continuum", "coefficients"):
+        a, b = getattr(blocked, name), getattr(whole, name)
+        if b is None:
+            assert a is None
+        else:
+            b = np.asarray(b)
+            np.testing.assert_allclose(np.asarray(a), b, rtol=1e-12, atol=1e-12 * np.abs(b).max(), err_msg=name)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -108,6 +108,28 @@ def test_doppler_shift_in_cache_blocks_equals_one_block(monkeypatch):
     np.testing.assert_array_equal(blocked, whole)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_compiled_doppler_shift_equals_numpy(dtype, monkeypatch):
+    """The numba kernel of the fast path gives the numpy path's numbers bit for bit (edges, both signs of
+    the sub-pixel shift, shifts larger than a segment, the derivative channel)."""
+    from paynekit._kernels import numba_enabled
+
+    if not numba_enabled():
+        pytest.skip("numba is not importable")
+    rng = np.random.default_rng(11)
+    wl = np.concatenate([log_grid(300), log_grid(300)[-1] * np.exp(1.4e-5 * np.arange(100, 400))])
+    vals = rng.normal(size=(40, 3, wl.size)).astype(dtype)
+    v = np.concatenate([[0.0, 0.4, -0.3, 151.0, -399.0, 1e-9, -1e-9, 2000.0], rng.uniform(-500, 500, 32)])
+    r = DopplerResampler(wl, wl)
+    for derivative in (False, True):
+        compiled = r.apply(vals, v, derivative=derivative)
+        monkeypatch.setenv("PAYNEKIT_DISABLE_NUMBA", "1")
+        plain = r.apply(vals, v, derivative=derivative)
+        monkeypatch.delenv("PAYNEKIT_DISABLE_NUMBA")
+        assert compiled.dtype == plain.dtype == dtype
+        np.testing.assert_array_equal(compiled, plain)
+
+
 def test_resampling_onto_another_grid():
     wl_model = log_grid(1200)
     wl_data = np.linspace(wl_model[10], wl_model[-10], 700)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._kernels import doppler_rows, numba_enabled
 from .checks import as_float_array, check_increasing
 from .errors import InputError
 from .wavelength import APOGEE_CHIPS
@@ -257,6 +258,8 @@ class DopplerResampler:
         steps = {round(s.step, 15) for s in self.segments}
         self.fast = self.same_grid and all(s.kind == "log" for s in self.segments) and len(steps) == 1
         self.log_step = self.segments[0].step if self.fast else None
+        self._seg_starts = np.array([seg.start for seg in self.segments], dtype=np.int64)
+        self._seg_stops = np.array([seg.stop for seg in self.segments], dtype=np.int64)
 
     @property
     def n_model(self) -> int:
@@ -311,6 +314,8 @@ class DopplerResampler:
         # s = round(delta) the cubic taps lie at offsets -2..2 from s (one of them zero), so spectra that
         # share s (e.g. all near v = 0) are one slice operation; taps beyond a segment edge read the edge.
         n, c, p = values.shape
+        if not _is_torch(values) and numba_enabled():
+            return self._apply_compiled(values, v, derivative)
         delta = -np.log1p(v / SPEED_OF_LIGHT_KMS) / self.log_step
         s = np.rint(delta).astype(np.int64)
         frac = delta - s
@@ -336,6 +341,14 @@ class DopplerResampler:
             for b0 in range(0, rows_all.size, block):
                 rows = rows_all[b0 : b0 + block]
                 self._shift_rows(values, out, rows, int(s_u), w, dw if derivative else None, tmp)
+        return out
+
+    def _apply_compiled(self, values, v, derivative):
+        """The fast path as one compiled pass per star (see :mod:`paynekit._kernels`); same numbers."""
+        n, c, p = values.shape
+        vals = np.ascontiguousarray(values)
+        out = np.empty((n, c + (1 if derivative else 0), p), dtype=vals.dtype)
+        doppler_rows(vals, v, self.log_step, SPEED_OF_LIGHT_KMS, self._seg_starts, self._seg_stops, out)
         return out
 
     def _shift_rows(self, values, out, rows, s_u, w, dw, tmp):

@@ -224,17 +224,17 @@ def build_forward_model(emulator, data_wavelength, config, data_medium: str = "v
 # ------------------------------------------------------------------------------------------------
 # evaluation
 # ------------------------------------------------------------------------------------------------
-def model_spectra(fm: ForwardModel, evaluator: EmulatorEvaluator, theta: np.ndarray, jacobian: bool = True):
-    """Model on the data grid, before the continuum, with derivatives.
+def _emulate(fm: ForwardModel, evaluator: EmulatorEvaluator, theta: np.ndarray, jacobian: bool):
+    """Emulator flux (n, P_model) and d flux / d free label (n, F_labels, P_model) (None without jacobian)."""
+    flux, jac = evaluator(fm.full_scaled(theta), jacobian=jacobian)
+    if not (jacobian and fm.free.size):
+        return flux, None
+    return flux, (jac if fm.free.size == fm.n_labels else jac[:, fm.free, :])
 
-    Returns an array (n, C, P_data): channel 0 the flux, then (if ``jacobian``) d flux / d theta for each
-    free label (scaled units) and, when RV is fitted, d flux / d v (per km/s) last.
-    """
-    x = fm.full_scaled(theta)
-    v = fm.velocities(theta)
-    flux, jac = evaluator(x, jacobian=jacobian)
-    if jacobian and fm.free.size:
-        jfree = jac if fm.free.size == fm.n_labels else jac[:, fm.free, :]
+
+def _instrument(fm: ForwardModel, flux, jfree, v, want_dv: bool):
+    """Stack flux and Jacobian rows into channels, apply the LSF and the Doppler shift (see model_spectra)."""
+    if jfree is not None:
         if _is_torch(flux):
             import torch
 
@@ -245,10 +245,50 @@ def model_spectra(fm: ForwardModel, evaluator: EmulatorEvaluator, theta: np.ndar
         values = flux[:, None, :]
     if fm.lsf is not None:
         values = fm.lsf.apply(values)
-    want_dv = jacobian and fm.fit_rv
     if fm.resampler.is_identity(v) and not want_dv:
         return values
     return fm.resampler.apply(values, v, derivative=want_dv)
+
+
+def model_spectra(fm: ForwardModel, evaluator: EmulatorEvaluator, theta: np.ndarray, jacobian: bool = True):
+    """Model on the data grid, before the continuum, with derivatives.
+
+    Returns an array (n, C, P_data): channel 0 the flux, then (if ``jacobian``) d flux / d theta for each
+    free label (scaled units) and, when RV is fitted, d flux / d v (per km/s) last.
+    """
+    flux, jfree = _emulate(fm, evaluator, theta, jacobian)
+    return _instrument(fm, flux, jfree, fm.velocities(theta), jacobian and fm.fit_rv)
+
+
+#: Bytes of instrument-side model values (stars x channels x pixels) that :func:`fit_equations` carries
+#: from the Doppler shift into the normal equations at a time (numpy): small enough to stay in a core's
+#: cache, so the shifted Jacobian never goes out to memory (on a busy 2-core machine its round trips
+#: through RAM were most of a fit's time).
+FIT_BLOCK_BYTES = 1 << 21
+
+
+def fit_equations(fm: ForwardModel, evaluator: EmulatorEvaluator, theta, data, weights, jacobian: bool = True):
+    """:func:`model_spectra` then :func:`normal_equations` for stars ``theta`` (n, F) and their data.
+
+    The emulator runs once for all stars (one large matrix product); with numpy the instrument and the
+    normal equations then go through blocks of stars of about :data:`FIT_BLOCK_BYTES`. Same numbers as
+    the two calls in a row.
+    """
+    flux, jfree = _emulate(fm, evaluator, theta, jacobian)
+    v = fm.velocities(theta)
+    want_dv = jacobian and fm.fit_rv
+    n = flux.shape[0]
+    channels = 1 + (0 if jfree is None else jfree.shape[1]) + (1 if want_dv else 0)
+    per_star = channels * max(fm.data_wavelength.size, flux.shape[1]) * flux.dtype.itemsize
+    block = n if _is_torch(flux) else max(1, FIT_BLOCK_BYTES // max(per_star, 1))
+    if block >= n:
+        return normal_equations(fm, _instrument(fm, flux, jfree, v, want_dv), data, weights, jacobian=jacobian)
+    parts = []
+    for b0 in range(0, n, block):
+        sl = slice(b0, b0 + block)
+        vals = _instrument(fm, flux[sl], None if jfree is None else jfree[sl], v[sl], want_dv)
+        parts.append(normal_equations(fm, vals, data[sl], weights[sl], jacobian=jacobian))
+    return NormalEquations.concatenate(parts)
 
 
 def model_flux(fm: ForwardModel, evaluator: EmulatorEvaluator, theta: np.ndarray):
@@ -267,6 +307,16 @@ class NormalEquations:
     model: object
     continuum: object
     coefficients: np.ndarray | None
+
+    @classmethod
+    def concatenate(cls, parts) -> NormalEquations:
+        """One NormalEquations from several for consecutive blocks of stars (numpy)."""
+
+        def cat(name):
+            arrays = [getattr(p, name) for p in parts]
+            return None if arrays[0] is None else np.concatenate(arrays)
+
+        return cls(*(cat(name) for name in ("chi2", "H", "g", "model", "continuum", "coefficients")))
 
 
 def _solve(a, b):

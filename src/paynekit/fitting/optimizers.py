@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..instrument import _is_torch
-from .forward import ForwardModel, model_spectra, normal_equations, solve_continuum, to_numpy
+from .forward import ForwardModel, fit_equations, model_spectra, solve_continuum, to_numpy
 from .uncertainties import invert_curvature
 
 log = logging.getLogger(__name__)
@@ -116,13 +116,12 @@ class _Evaluator:
         self.n = data.shape[0]
 
     def __call__(self, theta, rows, jacobian=True):
-        vals = model_spectra(self.fm, self.ev, theta, jacobian=jacobian)
         if rows.size == self.n and np.array_equal(rows, np.arange(self.n)):
             d, w = self.data, self.weights
         else:
             sel = _torch_index(rows, self.data) if _is_torch(self.data) else rows
             d, w = self.data[sel], self.weights[sel]
-        ne = normal_equations(self.fm, vals, d, w, jacobian=jacobian)
+        ne = fit_equations(self.fm, self.ev, theta, d, w, jacobian=jacobian)
         pc, ph, pg = self.fm.prior_terms(theta)
         obj = ne.chi2 + pc
         if not jacobian:
