@@ -93,3 +93,31 @@ def test_presearch_set_mixes_the_two_in_the_configured_fraction():
 def test_presearch_scaled_solar_must_be_a_fraction(bad):
     with pytest.raises(InputError, match="presearch_scaled_solar"):
         FitConfig(presearch_scaled_solar=bad)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_compiled_interpolation_equals_numpy(shared, monkeypatch):
+    """The numba form of interpolate_data gives the numpy numbers: chip gaps, masked neighbours, wavelengths
+    off the grid, one wavelength set for all rows or one per row."""
+    from paynekit._kernels import numba_enabled
+    from paynekit.fitting.presearch import interpolate_data
+    from paynekit.wavelength import payne_apogee_wavelength
+
+    if not numba_enabled():
+        pytest.skip("numba is not importable")
+    wl = payne_apogee_wavelength()
+    rng = np.random.default_rng(8)
+    n = 6
+    data = rng.normal(1.0, 0.02, (n, wl.size))
+    w = rng.uniform(1e3, 1e4, (n, wl.size))
+    w[rng.random(w.shape) < 0.05] = 0.0  # masked pixels
+    lam = np.exp(np.linspace(np.log(wl[0]) - 1e-3, np.log(wl[-1]) + 1e-3, 9000))  # beyond both ends and gaps
+    if not shared:
+        lam = lam[None, :] * (1.0 + rng.uniform(-1e-3, 1e-3, (n, 1)))
+    compiled = interpolate_data(wl, lam, data, w)
+    monkeypatch.setenv("PAYNEKIT_DISABLE_NUMBA", "1")
+    plain = interpolate_data(wl, lam, data, w)
+    for a, b in zip(compiled, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=0)
+        np.testing.assert_array_equal(a == 0, b == 0)
+    assert 0 < np.mean(compiled[1] == 0) < 0.5

@@ -118,3 +118,76 @@ def doppler_rows(values, v, log_step, c_kms, starts, stops, out) -> None:
     if kernel is None:
         kernel = _STATE["doppler"] = _build_doppler_kernel()
     kernel(values, v, log_step, c_kms, starts, stops, out)
+
+
+def _build_interpolate_kernel():
+    import math
+
+    import numba
+
+    @numba.njit(cache=True, nogil=True)
+    def interpolate_rows(data, weights, lam, kind, origin, step, starts, stops, lows, highs, tol, out_d, out_w):  # pragma: no cover
+        n = data.shape[0]
+        q_n = lam.shape[1]
+        n_seg = starts.size
+        shared = lam.shape[0] == 1  # one set of wavelengths for every row: positions computed once
+        j0s = np.empty(q_n, dtype=np.int64)
+        j1s = np.empty(q_n, dtype=np.int64)
+        fracs = np.empty(q_n)
+        ins = np.empty(q_n, dtype=np.bool_)
+        for r in range(n):
+            if r == 0 or not shared:
+                lr = lam[0 if shared else r]
+                for q in range(q_n):
+                    x = lr[q]
+                    k = 0  # searchsorted(lows, x, "right") - 1, clipped to [0, n_seg - 1]
+                    while k + 1 < n_seg and lows[k + 1] <= x:
+                        k += 1
+                    a, b = starts[k], stops[k]
+                    if kind[k] == 0:
+                        t = a + (math.log(x) - origin[k]) / step[k]
+                    else:
+                        t = a + (x - origin[k]) / step[k]
+                    ins[q] = (x >= lows[k] - tol[k]) and (x <= highs[k] + tol[k])
+                    t = min(max(t, a), b - 1)
+                    j0 = min(max(int(math.floor(t)), a), max(b - 2, a))
+                    j0s[q] = j0
+                    j1s[q] = min(j0 + 1, b - 1)
+                    fracs[q] = min(max(t - j0, 0.0), 1.0)
+            for q in range(q_n):
+                j0, j1, frac = j0s[q], j1s[q], fracs[q]
+                w0, w1 = weights[r, j0], weights[r, j1]
+                if ins[q] and w0 > 0 and w1 > 0:
+                    out_d[r, q] = (1 - frac) * data[r, j0] + frac * data[r, j1]
+                    out_w[r, q] = 1.0 / ((1 - frac) / w0 + frac / w1)
+                else:
+                    out_d[r, q] = 0.0
+                    out_w[r, q] = 0.0
+
+    return interpolate_rows
+
+
+def interpolate_rows(data, weights, lam, segments, tolerance):
+    """Linear interpolation of float64 data (n, P) and inverse-variance weights at wavelengths lam
+    ((n, Q), or (1, Q) for all rows) on a grid of "log" or "linear" segments (``instrument._Segment``);
+    the compiled form of :func:`paynekit.fitting.presearch.interpolate_data` (same rules)."""
+    kernel = _STATE.get("interpolate")
+    if kernel is None:
+        kernel = _STATE["interpolate"] = _build_interpolate_kernel()
+    kind = np.array([0 if s.kind == "log" else 1 for s in segments], dtype=np.int64)
+    origin = np.array([s.origin for s in segments], dtype=np.float64)
+    step = np.array([s.step for s in segments], dtype=np.float64)
+    starts = np.array([s.start for s in segments], dtype=np.int64)
+    stops = np.array([s.stop for s in segments], dtype=np.int64)
+    lows = np.array([s.wl_lo for s in segments], dtype=np.float64)
+    highs = np.array([s.wl_hi for s in segments], dtype=np.float64)
+    n, q = data.shape[0], lam.shape[1]
+    out_d = np.empty((n, q))
+    out_w = np.empty((n, q))
+    kernel(
+        np.ascontiguousarray(data, dtype=np.float64),
+        np.ascontiguousarray(weights, dtype=np.float64),
+        np.ascontiguousarray(lam, dtype=np.float64),
+        kind, origin, step, starts, stops, lows, highs, tolerance * highs, out_d, out_w,
+    )
+    return out_d, out_w

@@ -30,7 +30,14 @@ import numpy as np
 from scipy import fft as sp_fft
 from scipy.stats import qmc
 
-from ..instrument import SPEED_OF_LIGHT_KMS, _describe_segments, _fractional_index, doppler_factor
+from .._kernels import interpolate_rows, numba_enabled
+from ..instrument import (
+    REGION_EDGE_RTOL,
+    SPEED_OF_LIGHT_KMS,
+    _describe_segments,
+    _fractional_index,
+    doppler_factor,
+)
 from .forward import ForwardModel, solve_continuum, to_numpy
 
 log = logging.getLogger(__name__)
@@ -196,7 +203,10 @@ def interpolate_data(data_wavelength, lam, data, weights):
     """
     wl = np.asarray(data_wavelength, dtype=np.float64)
     lam = np.asarray(lam, dtype=np.float64)
-    t, _, seg_a, seg_b, inside = _fractional_index(_describe_segments(wl), wl, lam)
+    segments = _describe_segments(wl)
+    if numba_enabled() and all(s.kind != "general" for s in segments):
+        return interpolate_rows(data, weights, lam if lam.ndim == 2 else lam[None, :], segments, REGION_EDGE_RTOL)
+    t, _, seg_a, seg_b, inside = _fractional_index(segments, wl, lam)
     j0 = np.clip(np.floor(t).astype(np.int64), seg_a, np.maximum(seg_b - 2, seg_a))
     j1 = np.minimum(j0 + 1, seg_b - 1)
     frac = np.clip(t - j0, 0.0, 1.0)
