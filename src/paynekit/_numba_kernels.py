@@ -1,0 +1,113 @@
+"""numba kernels of :mod:`paynekit._kernels`, imported on first use (numba loads only when a fit needs it).
+
+They are defined at module level so that numba's on-disk cache finds them again in a new process
+(kernels made inside a function are closures, whose cache entries never matched: every process compiled
+them again, ~3 s).
+"""
+
+import math
+
+import numba
+import numpy as np
+
+
+@numba.njit(cache=True, nogil=True)
+def cubic5(delta, scale):  # pragma: no cover - compiled
+    # the weights of _apply_fast: shift s = rint(delta), Catmull-Rom taps at s-2..s+2 (one is 0)
+    s = np.rint(delta)
+    frac = delta - s
+    neg = frac < 0
+    t = frac + 1.0 if neg else frac
+    t2 = t * t
+    t3 = t * t * t
+    w = np.zeros(5)
+    dw = np.zeros(5)
+    o = 0 if neg else 1
+    w[o] = (-t3 + 2 * t2 - t) / 2
+    w[o + 1] = (3 * t3 - 5 * t2 + 2) / 2
+    w[o + 2] = (-3 * t3 + 4 * t2 + t) / 2
+    w[o + 3] = (t3 - t2) / 2
+    dw[o] = (-3 * t2 + 4 * t - 1) / 2 * scale
+    dw[o + 1] = (9 * t2 - 10 * t) / 2 * scale
+    dw[o + 2] = (-9 * t2 + 8 * t + 1) / 2 * scale
+    dw[o + 3] = (3 * t2 - 2 * t) / 2 * scale
+    return int(s), w, dw
+
+
+@numba.njit(cache=True, nogil=True)
+def doppler_rows(values, v, log_step, c_kms, starts, stops, out):  # pragma: no cover - compiled
+    n, c, _p = values.shape
+    deriv = out.shape[1] > c
+    for r in range(n):
+        delta = -math.log1p(v[r] / c_kms) / log_step
+        sr, w64, dw64 = cubic5(delta, -1.0 / ((c_kms + v[r]) * log_step))
+        w = w64.astype(values.dtype)
+        dw = dw64.astype(values.dtype)
+        for q in range(starts.size):
+            a, b = starts[q], stops[q]
+            lo = min(max(a - sr + 2, a), b)
+            hi = min(max(b - sr - 2, lo), b)
+            for ch in range(c + (1 if deriv else 0)):
+                if ch < c:
+                    src = values[r, ch]
+                    k0, k1, k2, k3, k4 = w[0], w[1], w[2], w[3], w[4]
+                else:
+                    src = values[r, 0]
+                    k0, k1, k2, k3, k4 = dw[0], dw[1], dw[2], dw[3], dw[4]
+                dst = out[r, ch]
+                if hi > lo:  # interior: taps never clamp; indices from 0 on slices let LLVM vectorise
+                    m = hi - lo
+                    x = src[lo + sr - 2 : hi + sr + 2]
+                    y = dst[lo:hi]
+                    for i in range(m):
+                        y[i] = k0 * x[i] + k1 * x[i + 1] + k2 * x[i + 2] + k3 * x[i + 3] + k4 * x[i + 4]
+                for e0, e1 in ((a, lo), (hi, b)):
+                    for i in range(e0, e1):
+                        j = i + sr
+                        t0 = src[min(max(j - 2, a), b - 1)]
+                        t1 = src[min(max(j - 1, a), b - 1)]
+                        t2 = src[min(max(j, a), b - 1)]
+                        t3 = src[min(max(j + 1, a), b - 1)]
+                        t4 = src[min(max(j + 2, a), b - 1)]
+                        dst[i] = k0 * t0 + k1 * t1 + k2 * t2 + k3 * t3 + k4 * t4
+
+
+@numba.njit(cache=True, nogil=True)
+def interpolate_rows(data, weights, lam, kind, origin, step, starts, stops, lows, highs, tol, out_d, out_w):  # pragma: no cover
+    n = data.shape[0]
+    q_n = lam.shape[1]
+    n_seg = starts.size
+    shared = lam.shape[0] == 1  # one set of wavelengths for every row: positions computed once
+    j0s = np.empty(q_n, dtype=np.int64)
+    j1s = np.empty(q_n, dtype=np.int64)
+    fracs = np.empty(q_n)
+    ins = np.empty(q_n, dtype=np.bool_)
+    for r in range(n):
+        if r == 0 or not shared:
+            lr = lam[0 if shared else r]
+            for q in range(q_n):
+                x = lr[q]
+                k = 0  # searchsorted(lows, x, "right") - 1, clipped to [0, n_seg - 1]
+                while k + 1 < n_seg and lows[k + 1] <= x:
+                    k += 1
+                a, b = starts[k], stops[k]
+                if kind[k] == 0:
+                    t = a + (math.log(x) - origin[k]) / step[k]
+                else:
+                    t = a + (x - origin[k]) / step[k]
+                ins[q] = (x >= lows[k] - tol[k]) and (x <= highs[k] + tol[k])
+                t = min(max(t, a), b - 1)
+                j0 = min(max(int(math.floor(t)), a), max(b - 2, a))
+                j0s[q] = j0
+                j1s[q] = min(j0 + 1, b - 1)
+                fracs[q] = min(max(t - j0, 0.0), 1.0)
+        for q in range(q_n):
+            j0, j1, frac = j0s[q], j1s[q], fracs[q]
+            w0, w1 = weights[r, j0], weights[r, j1]
+            if ins[q] and w0 > 0 and w1 > 0:
+                out_d[r, q] = (1 - frac) * data[r, j0] + frac * data[r, j1]
+                out_w[r, q] = 1.0 / ((1 - frac) / w0 + frac / w1)
+            else:
+                out_d[r, q] = 0.0
+                out_w[r, q] = 0.0
+
