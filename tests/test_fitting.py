@@ -254,6 +254,23 @@ def test_batched_and_scipy_agree(toy, mock, batched_result):
     np.testing.assert_allclose(ts["chi2"], tb["chi2"], rtol=1e-4)
 
 
+def test_multi_damping_steps_reach_the_same_minimum(toy, mock, batched_result):
+    """With several trial dampings per step (chi2 only, then one Jacobian at the best) the fits end where
+    the one-damping fits end: the same labels within 0.1 sigma and chi2; the threshold switches it on."""
+    *_, flux, ivar = mock
+    sub = slice(0, 12)
+    n_params = len(toy.emu.label_names) + 1
+    assert FitConfig().lm_trial_min_params > n_params  # the toy is a small problem: one damping by default
+    multi = fit(
+        toy.emu, (toy.emu.wavelength, flux[sub], ivar[sub]), FitConfig(lm_trial_min_params=n_params)
+    )
+    ref = batched_result[sub]
+    for n in toy.emu.label_names:
+        assert np.max(np.abs(np.asarray(multi[n]) - np.asarray(ref[n])) / np.asarray(ref[f"raw_e_{n}"])) < 0.1, n
+    np.testing.assert_allclose(multi["chi2"], ref["chi2"], rtol=1e-4)
+    assert not np.any(multi["flag_bad"])
+
+
 def test_float32_torch_and_polish_paths_agree(toy, mock, batched_result):
     _, _, _, flux, ivar = mock
     sub = slice(0, 8)

@@ -10,6 +10,11 @@
   at a kink of a leaky-ReLU network, where the quadratic model keeps promising a gain); it leaves the
   active set. Damping follows Nielsen (1999): after an accepted step it shrinks by how well the
   quadratic model predicted the gain, after a rejected one it grows by ``lm_factor``, doubling each time.
+  With many parameters (``lm_trial_min_params``) each step tries several dampings
+  (``lm_trial_dampings`` times the current one) by chi2 alone, which costs ~1/(F+1) of a Jacobian
+  evaluation each, and evaluates the Jacobian only at the best of them (which then sets the damping);
+  on a leaky-ReLU network, whose chi2 surface is piecewise quadratic, this shortens the slow crawl
+  across kinks that one damping at a time makes.
   A star still descending after ``max_iterations`` is a failure if its decrement exceeds
   :data:`NONCONVERGED_DECREMENT`. Works with numpy or torch (CPU/CUDA) arrays; the per-star linear algebra is float64.
 * :func:`scipy_reference`: one spectrum at a time with ``scipy.optimize.curve_fit(method="trf")``, the
@@ -156,6 +161,8 @@ def batched_levenberg_marquardt(
     """Fit all rows of ``data``/``weights`` (n, P) from starts ``theta0`` (n, F) within [lower, upper]."""
     max_iterations = config.max_iterations if max_iterations is None else max_iterations
     n, f = theta0.shape
+    factors = np.asarray(config.lm_trial_dampings, dtype=np.float64)
+    cheap_trials = f >= config.lm_trial_min_params and factors.size > 1
     p = data.shape[1]
     evaluate = _Evaluator(fm, emulator_eval, data, weights)
     theta = np.clip(np.asarray(theta0, dtype=np.float64), lower, upper)
@@ -186,12 +193,37 @@ def batched_levenberg_marquardt(
         if idx.size == 0:
             break
         diag = np.diagonal(hf, axis1=1, axis2=2)
-        hd = hf + (lam[idx][:, None] * diag)[:, :, None] * np.eye(f)[None]
-        step = np.clip(th + _solve_small(hd, gf), lo, hi) - th
+        m = idx.size
+        steps = []
+        for fac in factors if cheap_trials else (1.0,):
+            hd = hf + ((fac * lam[idx])[:, None] * diag)[:, :, None] * np.eye(f)[None]
+            steps.append(np.clip(th + _solve_small(hd, gf), lo, hi) - th)
+        if cheap_trials:
+            # the objective (flux only) at every trial damping, then the Jacobian at the best one only
+            all_trials = np.concatenate([th + st for st in steps])
+            t_obj_all = evaluate(all_trials, np.tile(idx, factors.size), jacobian=False)[0].reshape(factors.size, m)
+            pick = np.argmin(np.where(np.isfinite(t_obj_all), t_obj_all, np.inf), axis=0)
+            step = np.stack(steps)[pick, np.arange(m)]
+            chosen = factors[pick]
+            best_obj = t_obj_all[pick, np.arange(m)]
+            go = np.isfinite(best_obj) & (best_obj <= obj[idx])
+        else:
+            step = steps[0]
+            chosen = np.ones(m)
+            go = np.ones(m, dtype=bool)
         trial = th + step
         # chi2(theta + d) ~ chi2 - 2 g.d + d^T H d: the reduction the quadratic model predicts
         predicted = 2.0 * np.sum(gf * step, axis=1) - np.einsum("ni,nij,nj->n", step, hf, step)
-        t_obj, t_chi2, t_h, t_g, t_ne = evaluate(trial, idx)
+        t_obj = np.full(m, np.inf)
+        t_chi2 = np.full(m, np.inf)
+        t_h = np.zeros((m, f, f))
+        t_g = np.zeros((m, f))
+        t_model = None
+        if np.any(go):
+            sub = np.flatnonzero(go)
+            o_, c_, h_, g_, ne_ = evaluate(trial[sub], idx[sub])
+            t_obj[sub], t_chi2[sub], t_h[sub], t_g[sub] = o_, c_, h_, g_
+            t_model = (sub, ne_)
         n_iter[idx] += 1
         better = np.isfinite(t_obj) & (t_obj <= obj[idx])
         gain = np.where(better, obj[idx] - t_obj, 0.0)
@@ -199,9 +231,12 @@ def batched_levenberg_marquardt(
         theta[acc] = trial[better]
         obj[acc], chi2[acc], h[acc], g[acc] = t_obj[better], t_chi2[better], t_h[better], t_g[better]
         if acc.size:
-            model[acc] = to_numpy(t_ne.model)[better]
+            sub, ne_ = t_model
+            pos = np.flatnonzero(better[sub])
+            model[acc] = to_numpy(ne_.model)[pos]
             if cont is not None:
-                cont[acc] = to_numpy(t_ne.continuum)[better]
+                cont[acc] = to_numpy(ne_.continuum)[pos]
+        lam[acc] = lam[acc] * chosen[better]
         # Nielsen's damping update: shrink by how well the quadratic model predicted the gain
         rho = np.where(
             predicted[better] > 0, gain[better] / np.where(predicted[better] > 0, predicted[better], 1), 0
