@@ -210,7 +210,9 @@ def optical(args):
     )
     config = FitConfig(resolution=r_power)
     grid, grid_s = _grid(emu, wl, config, "air")
-    small = SpectrumBatch(wl, data[:4], np.full((4, wl.size), 1 / sigma**2), meta=[{"wavelength_medium": "air"}] * 4)
+    small = SpectrumBatch(
+        wl, data[:4], np.full((4, wl.size), 1 / sigma**2), meta=[{"wavelength_medium": "air"}] * 4
+    )
     warm_s = _warm_up(emu, small, config, grid)
     results = {}
     results["batched"] = _timed_fit(emu, batch, config, grid)

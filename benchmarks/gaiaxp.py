@@ -322,8 +322,9 @@ def diagnose_truth(name, emulator, spectra, table, truth, names, n_ext=41):
         best = np.minimum(best, chi2)
     d = best - np.asarray(table["chi2"], float)[rows]
     n_pix = np.sum(ivar[rows] > 0, axis=1)
-    print(f"  {name}: chi2(APOGEE labels{', best ext' if extra == 1 else ''}) - chi2(fit) over {rows.size} in-box "
-          f"test stars: median {np.median(d):.1f} (pixels per star {np.median(n_pix):.0f}); truth lower by > 1 "
+    what = "APOGEE labels" + (", best ext" if extra == 1 else "")
+    print(f"  {name}: chi2({what}) - chi2(fit) over {rows.size} in-box test stars: "
+          f"median {np.median(d):.1f} (pixels per star {np.median(n_pix):.0f}); truth lower by > 1 "
           f"(search missed it): {np.mean(d < -1):.1%}; truth higher by > 1 (the model prefers the fit): "
           f"{np.mean(d > 1):.1%}; percentiles 10/90: {np.percentile(d, 10):.1f} / {np.percentile(d, 90):.1f}",
           flush=True)

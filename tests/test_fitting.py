@@ -174,7 +174,8 @@ def test_fit_equations_in_star_blocks_equal_model_then_normal_equations(toy, con
             assert a is None
         else:
             b = np.asarray(b)
-            np.testing.assert_allclose(np.asarray(a), b, rtol=1e-12, atol=1e-12 * np.abs(b).max(), err_msg=name)
+            atol = 1e-12 * np.abs(b).max()
+            np.testing.assert_allclose(np.asarray(a), b, rtol=1e-12, atol=atol, err_msg=name)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -73,7 +73,9 @@ def doppler_rows(values, v, log_step, c_kms, starts, stops, out):  # pragma: no 
 
 
 @numba.njit(cache=True, nogil=True)
-def interpolate_rows(data, weights, lam, kind, origin, step, starts, stops, lows, highs, tol, out_d, out_w):  # pragma: no cover
+def interpolate_rows(  # pragma: no cover - compiled
+    data, weights, lam, kind, origin, step, starts, stops, lows, highs, tol, out_d, out_w
+):
     n = data.shape[0]
     q_n = lam.shape[1]
     n_seg = starts.size

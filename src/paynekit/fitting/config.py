@@ -184,7 +184,8 @@ class FitConfig:
         if self.rv_grid_step is not None:
             _number("rv_grid_step", self.rv_grid_step, minimum=0, strict=True)
         factors = tuple(self.lm_trial_dampings)
-        if not factors or not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in factors):
+        valid = all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in factors)
+        if not factors or not valid:
             raise InputError(f"lm_trial_dampings must be positive numbers, got {self.lm_trial_dampings!r}")
         for name in ("presearch_size", "seed", "lm_max_rejections", "restart_starts", "lm_trial_min_params"):
             _number(name, getattr(self, name), minimum=0, integer=True)

@@ -267,7 +267,9 @@ def model_spectra(fm: ForwardModel, evaluator: EmulatorEvaluator, theta: np.ndar
 FIT_BLOCK_BYTES = 1 << 21
 
 
-def fit_equations(fm: ForwardModel, evaluator: EmulatorEvaluator, theta, data, weights, jacobian: bool = True):
+def fit_equations(
+    fm: ForwardModel, evaluator: EmulatorEvaluator, theta, data, weights, jacobian: bool = True
+):
     """:func:`model_spectra` then :func:`normal_equations` for stars ``theta`` (n, F) and their data.
 
     The emulator runs once for all stars (one large matrix product); with numpy the instrument and the
@@ -282,7 +284,8 @@ def fit_equations(fm: ForwardModel, evaluator: EmulatorEvaluator, theta, data, w
     per_star = channels * max(fm.data_wavelength.size, flux.shape[1]) * flux.dtype.itemsize
     block = n if _is_torch(flux) else max(1, FIT_BLOCK_BYTES // max(per_star, 1))
     if block >= n:
-        return normal_equations(fm, _instrument(fm, flux, jfree, v, want_dv), data, weights, jacobian=jacobian)
+        values = _instrument(fm, flux, jfree, v, want_dv)
+        return normal_equations(fm, values, data, weights, jacobian=jacobian)
     parts = []
     for b0 in range(0, n, block):
         sl = slice(b0, b0 + block)

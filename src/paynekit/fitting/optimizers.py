@@ -201,7 +201,8 @@ def batched_levenberg_marquardt(
         if cheap_trials:
             # the objective (flux only) at every trial damping, then the Jacobian at the best one only
             all_trials = np.concatenate([th + st for st in steps])
-            t_obj_all = evaluate(all_trials, np.tile(idx, factors.size), jacobian=False)[0].reshape(factors.size, m)
+            t_obj_all = evaluate(all_trials, np.tile(idx, factors.size), jacobian=False)[0]
+            t_obj_all = t_obj_all.reshape(factors.size, m)
             pick = np.argmin(np.where(np.isfinite(t_obj_all), t_obj_all, np.inf), axis=0)
             step = np.stack(steps)[pick, np.arange(m)]
             chosen = factors[pick]

@@ -205,7 +205,8 @@ def interpolate_data(data_wavelength, lam, data, weights):
     lam = np.asarray(lam, dtype=np.float64)
     segments = _describe_segments(wl)
     if numba_enabled() and all(s.kind != "general" for s in segments):
-        return interpolate_rows(data, weights, lam if lam.ndim == 2 else lam[None, :], segments, REGION_EDGE_RTOL)
+        lam2 = lam if lam.ndim == 2 else lam[None, :]
+        return interpolate_rows(data, weights, lam2, segments, REGION_EDGE_RTOL)
     t, _, seg_a, seg_b, inside = _fractional_index(segments, wl, lam)
     j0 = np.clip(np.floor(t).astype(np.int64), seg_a, np.maximum(seg_b - 2, seg_a))
     j1 = np.minimum(j0 + 1, seg_b - 1)
