@@ -1,8 +1,9 @@
 """Compiled inner loops (numba), used by the numpy paths when numba is importable.
 
-Each kernel computes exactly what the numpy code beside it computes, in the same order of floating-point
-operations, so the two give the same numbers; the numpy code stays as the fallback (and is tested against
-the kernel). numba is imported on first use, not when paynekit is imported, and
+Each kernel computes what the numpy code beside it computes, in the same order of floating-point
+operations: the Doppler shift gives the same numbers bit for bit, the interpolation agrees to 1e-13
+relative (it takes logarithms with the C library's log, numpy with its own). The numpy code stays as the
+fallback and is tested against the kernels. numba is imported on first use, not when paynekit is imported, and
 ``PAYNEKIT_DISABLE_NUMBA=1`` turns the kernels off.
 
 Why compiled: the Doppler shift interpolates (flux + every Jacobian column) of every star at every
