@@ -78,3 +78,26 @@ def interpolate_rows(data, weights, lam, segments, tolerance):
         kind, origin, step, starts, stops, lows, highs, tolerance * highs, out_d, out_w,
     )
     return out_d, out_w
+
+
+def median_snr(data, weights) -> np.ndarray:
+    """Per row, the median of data * sqrt(weights) over the pixels with weights > 0 (NaN for a row without
+    one): ``nanmedian(where(weights > 0, data * sqrt(weights), nan), axis=1)``, the same numbers, without
+    the (n, P) temporaries; compiled when numba is enabled."""
+    data = np.ascontiguousarray(data, dtype=np.float64)
+    weights = np.ascontiguousarray(weights, dtype=np.float64)
+    if data.shape != weights.shape or data.ndim != 2:
+        raise ValueError(
+            f"data and weights must be 2-D arrays of one shape, got {data.shape} and {weights.shape}"
+        )
+    out = np.full(data.shape[0], np.nan)
+    if numba_enabled():
+        from ._numba_kernels import median_snr_rows
+
+        median_snr_rows(data, weights, out)
+        return out
+    has = np.any(weights > 0, axis=1)
+    with np.errstate(invalid="ignore"):
+        pix = np.where(weights[has] > 0, data[has] * np.sqrt(weights[has]), np.nan)
+    out[has] = np.nanmedian(pix, axis=1)
+    return out

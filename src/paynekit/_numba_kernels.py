@@ -113,3 +113,17 @@ def interpolate_rows(  # pragma: no cover - compiled
                 out_d[r, q] = 0.0
                 out_w[r, q] = 0.0
 
+
+
+@numba.njit(cache=True, nogil=True)
+def median_snr_rows(data, weights, out):  # pragma: no cover - compiled
+    n, p = data.shape
+    buf = np.empty(p)
+    for r in range(n):
+        m = 0
+        for i in range(p):
+            w = weights[r, i]
+            if w > 0:
+                buf[m] = data[r, i] * math.sqrt(w)
+                m += 1
+        out[r] = np.median(buf[:m]) if m > 0 else np.nan

@@ -17,6 +17,7 @@ import numpy as np
 from astropy.table import Table
 
 from .. import catalog
+from .._kernels import median_snr
 from ..checks import as_float_array, check_increasing
 from ..errors import InputError
 from ..flags import BAD_FLAGS, compute_flags
@@ -268,11 +269,7 @@ def fit(
             bad[i] = "no usable pixel (all masked, non-finite or outside the continuum regions)"
         elif n_usable[i] <= n_total_params:
             bad[i] = f"only {n_usable[i]} usable pixels for {n_total_params} free parameters"
-    with np.errstate(invalid="ignore"):
-        snr_pix = np.where(weights > 0, data * np.sqrt(weights), np.nan)
-    snr = np.full(n, np.nan)
-    has = n_usable > 0
-    snr[has] = np.nanmedian(snr_pix[has], axis=1)
+    snr = median_snr(data, weights)
 
     batched = config.optimizer == "batched"
     fit_eval = (

@@ -247,11 +247,7 @@ class CrossCorrelator:
         self.rv_range = rv_range
         self.fm = fm
         d_u, w_u = interpolate_data(dwl, np.exp(self.u), data, weights)
-        good = w_u > 0
-        s = np.where(good, 1.0 - d_u, 0.0)
-        cnt = np.maximum(good.sum(axis=1, keepdims=True), 1)
-        s = np.where(good, s - s.sum(axis=1, keepdims=True) / cnt, 0.0)
-        self.spec_fft = sp_fft.rfft(s, n=self.n_fft, axis=1, workers=-1)
+        self.spec_fft = self._signal_fft(d_u, w_u > 0)
         # the model grid's coverage of the u grid (rest frame)
         mwl = fm.model_wavelength
         t, _, _, _, inside = _fractional_index(fm.resampler.segments, mwl, np.exp(self.u))
@@ -264,11 +260,18 @@ class CrossCorrelator:
         i1 = np.minimum(i0 + 1, templates.shape[1] - 1)
         frac = self._t_idx - i0
         tl = templates[:, i0] * (1 - frac) + templates[:, i1] * frac
-        inside = self._t_inside[None, :]
-        s = np.where(inside, 1.0 - tl, 0.0)
-        cnt = max(int(inside.sum()), 1)
-        s = np.where(inside, s - s.sum(axis=1, keepdims=True) / cnt, 0.0)
-        return sp_fft.rfft(s, n=self.n_fft, axis=1, workers=-1)
+        return self._signal_fft(tl, self._t_inside[None, :])
+
+    def _signal_fft(self, flux, good):
+        """rfft, zero-padded to n_fft, of the signal 1 - flux less its mean over the good pixels (0 at the
+        others), for rows of flux (n, n_u). The signal is written straight into the padded array (scipy's
+        own padding would copy every row once more)."""
+        good = np.broadcast_to(good, flux.shape)
+        s = np.where(good, 1.0 - flux, 0.0)
+        mean = s.sum(axis=1, keepdims=True) / np.maximum(good.sum(axis=1, keepdims=True), 1)
+        padded = np.zeros((flux.shape[0], self.n_fft))
+        np.subtract(s, mean, out=padded[:, : flux.shape[1]], where=good)
+        return sp_fft.rfft(padded, axis=1, workers=-1, overwrite_x=True)
 
     def velocities(self, templates, rows=None) -> np.ndarray:
         """Velocity (km/s) of the cross-correlation peak within +-rv_range for each spectrum (or ``rows``);
