@@ -175,3 +175,54 @@ def test_save_refuses_a_hash_that_is_not_a_string(small_mlp, tmp_path):
     with pytest.raises(InputError, match="training_set_hash must be a str"):
         save_emulator(small_mlp, tmp_path / "model.npz", training_set_hash=lambda: "abc")
     assert not (tmp_path / "model.npz").exists()
+
+
+def _leaky_mlp(seed=7, n_labels=6, h1=40, h2=30, n_pix=200, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    ls = LabelSpace([f"l{i}" for i in range(n_labels)], np.zeros(n_labels), np.ones(n_labels))
+    ws = [rng.normal(0, 1.0, (h1, n_labels)), rng.normal(0, 0.3, (h2, h1)), rng.normal(0, 0.05, (n_pix, h2))]
+    bs = [rng.normal(0, 0.2, h1), rng.normal(0, 0.2, h2), np.ones(n_pix)]
+    return PayneMLP(ws, bs, ls, np.linspace(5000.0, 5100.0, n_pix), activation="leaky_relu", dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-12), (np.float32, 2e-5)])
+def test_jacobian_cache_updates_equal_full_evaluations(dtype, rtol):
+    """Jacobians kept per star and updated for the hidden units that changed side equal full evaluations
+    along a walk of small and large steps (rows in any order, some left out), with the update path taken
+    and the flux identical to predict."""
+    from paynekit.emulators.payne import JacobianCache
+
+    emu = _leaky_mlp(dtype=dtype)
+    rng = np.random.default_rng(1)
+    n = 10
+    x = rng.uniform(-0.4, 0.4, (n, emu.n_labels))
+    cache = JacobianCache(emu, n)
+    cache(x.astype(dtype), np.arange(n))
+    flips = 0
+    for step in (1e-3, 3e-3, 1e-2, 3e-2, 1e-3, 0.2, 1e-2, 1e-2, 3e-3, 1e-3):
+        rows = rng.permutation(n)[:7]
+        x_new = np.clip(x[rows] + step * rng.normal(size=(7, emu.n_labels)), -0.5, 0.5)
+        z1 = x_new @ emu.weights[0].T + emu.biases[0]
+        flips += int(np.sum((z1 > 0) != (x[rows] @ emu.weights[0].T + emu.biases[0] > 0)))
+        x[rows] = x_new
+        flux, jac = cache(x_new.astype(dtype), rows)
+        ref_flux, ref_jac = emu.predict_and_jacobian_scaled(x_new)
+        np.testing.assert_array_equal(flux, ref_flux)
+        ref_jac = np.swapaxes(ref_jac, 1, 2)
+        np.testing.assert_allclose(jac, ref_jac, rtol=0, atol=rtol * np.abs(ref_jac).max())
+    assert cache.n_updated > 20 and flips > 10  # the update path ran, across real kinks
+
+
+def test_jacobian_cache_only_for_two_layer_leaky_networks(small_mlp):
+    from paynekit.emulators.payne import JacobianCache
+    from paynekit.fitting.forward import EmulatorEvaluator
+
+    assert JacobianCache.supports(_leaky_mlp())
+    assert not JacobianCache.supports(_perpixel())
+    assert not JacobianCache.supports(_sigmoid_mlp(small_mlp))
+    assert EmulatorEvaluator(_leaky_mlp(), "float32").jacobian_cache(4) is not None
+    assert EmulatorEvaluator(_perpixel(), "float32").jacobian_cache(4) is None
+    with pytest.raises(InputError, match="two hidden layers"):
+        JacobianCache(_perpixel(), 3)
+    with pytest.raises(InputError, match="distinct"):
+        JacobianCache(_leaky_mlp(), 3)(np.zeros((2, 6)), np.array([1, 1]))

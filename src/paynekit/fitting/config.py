@@ -100,6 +100,10 @@ class FitConfig:
         evaluation), and takes the Jacobian at the best one only: on 200 demo stars with 25 labels this
         cut the iterations from 36 to 29 and ended at lower chi2 for most stars (Teff RMS 58 -> 43 K);
         with 5 labels the extra evaluations cost more than they save, hence the threshold;
+        ``incremental_jacobian`` (True): with numpy and a leaky-ReLU Payne network of two hidden layers,
+        keep each star's Jacobian between steps and update it for the hidden units that changed side
+        (exact up to float rounding; :class:`paynekit.emulators.payne.JacobianCache`) instead of
+        evaluating it in full;
         ``scipy_tolerance`` (ftol = xtol = gtol of curve_fit), ``scipy_max_nfev``.
     Data
         ``pixel_mask_file``: pixels to leave out of every fit, on the data's grid: a text file of
@@ -148,6 +152,7 @@ class FitConfig:
     lm_max_rejections: int = 3
     lm_trial_dampings: tuple = (1.0, 0.1, 0.01)
     lm_trial_min_params: int = 12
+    incremental_jacobian: bool = True
     scipy_tolerance: float = 1e-8
     scipy_max_nfev: int = 500
     noise_model: object | None = None

@@ -78,6 +78,15 @@ class EmulatorEvaluator:
             jac = torch.as_tensor(np.ascontiguousarray(jac), device=self.device) if jac is not None else None
         return flux, jac
 
+    def jacobian_cache(self, n_rows: int):
+        """A :class:`~paynekit.emulators.payne.JacobianCache` for ``n_rows`` stars when this evaluator can
+        use one (numpy, a leaky-ReLU PayneMLP with two hidden layers), else None."""
+        from ..emulators.payne import JacobianCache
+
+        if self.backend != "numpy" or not JacobianCache.supports(self.emulator):
+            return None
+        return JacobianCache(self.emulator, n_rows)
+
     def to_backend(self, array, dtype=None):
         """A numpy array as an array of this backend (float64 unless ``dtype``)."""
         if self.backend == "torch":
@@ -224,9 +233,14 @@ def build_forward_model(emulator, data_wavelength, config, data_medium: str = "v
 # ------------------------------------------------------------------------------------------------
 # evaluation
 # ------------------------------------------------------------------------------------------------
-def _emulate(fm: ForwardModel, evaluator: EmulatorEvaluator, theta: np.ndarray, jacobian: bool):
-    """Emulator flux (n, P_model) and d flux / d free label (n, F_labels, P_model) (None without jacobian)."""
-    flux, jac = evaluator(fm.full_scaled(theta), jacobian=jacobian)
+def _emulate(fm: ForwardModel, evaluator: EmulatorEvaluator, theta: np.ndarray, jacobian: bool, cache=None,
+             rows=None):
+    """Emulator flux (n, P_model) and d flux / d free label (n, F_labels, P_model) (None without jacobian);
+    with a Jacobian ``cache`` (:meth:`EmulatorEvaluator.jacobian_cache`) the stars are its ``rows``."""
+    if cache is not None and jacobian:
+        flux, jac = cache(fm.full_scaled(theta), rows)
+    else:
+        flux, jac = evaluator(fm.full_scaled(theta), jacobian=jacobian)
     if not (jacobian and fm.free.size):
         return flux, None
     return flux, (jac if fm.free.size == fm.n_labels else jac[:, fm.free, :])
@@ -265,24 +279,31 @@ def model_spectra(fm: ForwardModel, evaluator: EmulatorEvaluator, theta: np.ndar
 #: cache, so the shifted Jacobian never goes out to memory (on a busy 2-core machine its round trips
 #: through RAM were most of a fit's time).
 FIT_BLOCK_BYTES = 1 << 21
+#: ... but at least this many stars per block: with many labels (25 labels x 8575 APOGEE pixels, ~0.9 MB
+#: per star) a 2 MB block held two stars, and the per-call overhead of the continuum solve and the small
+#: per-block numpy calls outweighed what the cache saved (demo fit, three interleaved runs each: median
+#: 80 ms/spectrum with blocks of 2 stars, 72 with 8; a noisy machine).
+FIT_BLOCK_MIN_STARS = 8
 
 
 def fit_equations(
-    fm: ForwardModel, evaluator: EmulatorEvaluator, theta, data, weights, jacobian: bool = True
+    fm: ForwardModel, evaluator: EmulatorEvaluator, theta, data, weights, jacobian: bool = True, cache=None,
+    rows=None,
 ):
     """:func:`model_spectra` then :func:`normal_equations` for stars ``theta`` (n, F) and their data.
 
     The emulator runs once for all stars (one large matrix product); with numpy the instrument and the
     normal equations then go through blocks of stars of about :data:`FIT_BLOCK_BYTES`. Same numbers as
-    the two calls in a row.
+    the two calls in a row. ``cache``, ``rows``: a Jacobian cache and the stars' rows in it (see
+    :func:`_emulate`).
     """
-    flux, jfree = _emulate(fm, evaluator, theta, jacobian)
+    flux, jfree = _emulate(fm, evaluator, theta, jacobian, cache, rows)
     v = fm.velocities(theta)
     want_dv = jacobian and fm.fit_rv
     n = flux.shape[0]
     channels = 1 + (0 if jfree is None else jfree.shape[1]) + (1 if want_dv else 0)
     per_star = channels * max(fm.data_wavelength.size, flux.shape[1]) * flux.dtype.itemsize
-    block = n if _is_torch(flux) else max(1, FIT_BLOCK_BYTES // max(per_star, 1))
+    block = n if _is_torch(flux) else max(FIT_BLOCK_MIN_STARS, FIT_BLOCK_BYTES // max(per_star, 1))
     if block >= n:
         values = _instrument(fm, flux, jfree, v, want_dv)
         return normal_equations(fm, values, data, weights, jacobian=jacobian)

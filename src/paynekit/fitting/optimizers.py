@@ -113,12 +113,13 @@ def decrement(h, g, theta, lower, upper) -> np.ndarray:
 class _Evaluator:
     """chi2, curvature and gradient (priors included) of chosen stars of a chunk."""
 
-    def __init__(self, fm: ForwardModel, emulator_eval, data, weights):
+    def __init__(self, fm: ForwardModel, emulator_eval, data, weights, incremental_jacobian=False):
         self.fm = fm
         self.ev = emulator_eval
         self.data = emulator_eval.to_backend(data)
         self.weights = emulator_eval.to_backend(weights)
         self.n = data.shape[0]
+        self.cache = emulator_eval.jacobian_cache(self.n) if incremental_jacobian else None
 
     def __call__(self, theta, rows, jacobian=True):
         if rows.size == self.n and np.array_equal(rows, np.arange(self.n)):
@@ -126,7 +127,7 @@ class _Evaluator:
         else:
             sel = _torch_index(rows, self.data) if _is_torch(self.data) else rows
             d, w = self.data[sel], self.weights[sel]
-        ne = fit_equations(self.fm, self.ev, theta, d, w, jacobian=jacobian)
+        ne = fit_equations(self.fm, self.ev, theta, d, w, jacobian=jacobian, cache=self.cache, rows=rows)
         pc, ph, pg = self.fm.prior_terms(theta)
         obj = ne.chi2 + pc
         if not jacobian:
@@ -164,7 +165,7 @@ def batched_levenberg_marquardt(
     factors = np.asarray(config.lm_trial_dampings, dtype=np.float64)
     cheap_trials = f >= config.lm_trial_min_params and factors.size > 1
     p = data.shape[1]
-    evaluate = _Evaluator(fm, emulator_eval, data, weights)
+    evaluate = _Evaluator(fm, emulator_eval, data, weights, config.incremental_jacobian)
     theta = np.clip(np.asarray(theta0, dtype=np.float64), lower, upper)
     rows_all = np.arange(n)
     obj, chi2, h, g, ne = evaluate(theta, rows_all)
