@@ -228,6 +228,12 @@ def interpolate_data(data_wavelength, lam, data, weights):
 # ------------------------------------------------------------------------------------------------
 # radial velocity
 # ------------------------------------------------------------------------------------------------
+#: Precision of the cross-correlation FFTs: float32 FFTs were 5x faster than float64 here (7500-point rows;
+#: the pre-search 0.94 -> 0.73 ms/spectrum). On the 1000 spectra of the 5-label benchmark the peak moved by
+#: a median 2e-7 pixel (at most 0.02) and 3 started from another grid vector; v is refined by the fit.
+CCF_DTYPE = np.float32
+
+
 class CrossCorrelator:
     """FFT cross-correlation of spectra with templates on a uniform ln-lambda grid.
 
@@ -265,12 +271,12 @@ class CrossCorrelator:
     def _signal_fft(self, flux, good):
         """rfft, zero-padded to n_fft, of the signal 1 - flux less its mean over the good pixels (0 at the
         others), for rows of flux (n, n_u). The signal is written straight into the padded array (scipy's
-        own padding would copy every row once more)."""
+        own padding would copy every row once more). In float32 (:data:`CCF_DTYPE`)."""
         good = np.broadcast_to(good, flux.shape)
         s = np.where(good, 1.0 - flux, 0.0)
         mean = s.sum(axis=1, keepdims=True) / np.maximum(good.sum(axis=1, keepdims=True), 1)
-        padded = np.zeros((flux.shape[0], self.n_fft))
-        np.subtract(s, mean, out=padded[:, : flux.shape[1]], where=good)
+        padded = np.zeros((flux.shape[0], self.n_fft), dtype=CCF_DTYPE)
+        np.subtract(s, mean, out=padded[:, : flux.shape[1]], where=good, casting="same_kind")
         return sp_fft.rfft(padded, axis=1, workers=-1, overwrite_x=True)
 
     def velocities(self, templates, rows=None) -> np.ndarray:
@@ -280,7 +286,7 @@ class CrossCorrelator:
         spec = self.spec_fft if rows is None else self.spec_fft[rows]
         cc = sp_fft.irfft(spec * np.conj(tf), n=self.n_fft, axis=1, workers=-1)
         lags = np.arange(-self.kmax, self.kmax + 1)
-        window = cc[:, lags % self.n_fft]
+        window = cc[:, lags % self.n_fft].astype(np.float64)
         k = np.argmax(window, axis=1)
         kc = np.clip(k, 1, lags.size - 2)
         rows = np.arange(window.shape[0])
