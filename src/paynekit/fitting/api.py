@@ -258,12 +258,14 @@ def fit(
     n_total_params = n_nonlinear + fm.n_continuum
     bad = list(inp.bad)
     n_usable = (weights > 0).sum(axis=1)
-    for i in range(n):
+    any_finite = np.isfinite(inp.flux).any(axis=1)
+    any_ivar = ((inp.ivar > 0) & np.isfinite(inp.ivar)).any(axis=1)
+    for i in np.flatnonzero((n_usable <= n_total_params) | ~any_finite | ~any_ivar):
         if bad[i]:
             continue
-        if not np.any(np.isfinite(inp.flux[i])):
+        if not any_finite[i]:
             bad[i] = "flux is not finite in any pixel"
-        elif not np.any((inp.ivar[i] > 0) & np.isfinite(inp.ivar[i])):
+        elif not any_ivar[i]:
             bad[i] = "no pixel has ivar > 0"
         elif n_usable[i] == 0:
             bad[i] = "no usable pixel (all masked, non-finite or outside the continuum regions)"
