@@ -14,7 +14,9 @@
   (``lm_trial_dampings`` times the current one) by chi2 alone, which costs ~1/(F+1) of a Jacobian
   evaluation each, and evaluates the Jacobian only at the best of them (which then sets the damping);
   on a leaky-ReLU network, whose chi2 surface is piecewise quadratic, this shortens the slow crawl
-  across kinks that one damping at a time makes.
+  across kinks that one damping at a time makes. With numpy and a two-hidden-layer leaky-ReLU Payne
+  network each star's Jacobian is kept between steps and updated for the hidden units that changed side
+  (``incremental_jacobian``, :class:`paynekit.emulators.payne.JacobianCache`; exact up to rounding).
   A star still descending after ``max_iterations`` is a failure if its decrement exceeds
   :data:`NONCONVERGED_DECREMENT`. Works with numpy or torch (CPU/CUDA) arrays; the per-star linear algebra is float64.
 * :func:`scipy_reference`: one spectrum at a time with ``scipy.optimize.curve_fit(method="trf")``, the
