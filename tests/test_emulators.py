@@ -213,6 +213,27 @@ def test_jacobian_cache_updates_equal_full_evaluations(dtype, rtol):
     assert cache.n_updated > 20 and flips > 10  # the update path ran, across real kinks
 
 
+def test_jacobian_cache_views_gather_the_right_rows():
+    """The cache returns a view gathered lazily: slices by stars, chosen labels and the whole all agree with
+    a full evaluation, and only slices by stars are accepted."""
+    from paynekit.emulators.payne import JacobianCache
+
+    emu = _leaky_mlp()
+    rng = np.random.default_rng(2)
+    x = rng.uniform(-0.4, 0.4, (6, emu.n_labels))
+    cache = JacobianCache(emu, 9)
+    rows = np.array([7, 2, 5, 0, 8, 3])
+    _, view = cache(x, rows)
+    ref = np.swapaxes(emu.predict_and_jacobian_scaled(x)[1], 1, 2)
+    assert view.shape == ref.shape and view.dtype == ref.dtype
+    np.testing.assert_allclose(view[1:4], ref[1:4], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(view.select_labels([4, 1])[:], ref[:, [4, 1]], rtol=0, atol=1e-12)
+    assert view.select_labels([4, 1]).shape == (6, 2, emu.n_pixels)
+    np.testing.assert_allclose(np.asarray(view), ref, rtol=0, atol=1e-12)
+    with pytest.raises(TypeError, match="sliced by stars"):
+        view[0]
+
+
 def test_jacobian_cache_only_for_two_layer_leaky_networks(small_mlp):
     from paynekit.emulators.payne import JacobianCache
     from paynekit.fitting.forward import EmulatorEvaluator

@@ -286,7 +286,8 @@ class JacobianCache:
                 and len(emulator.hidden_sizes) == 2)
 
     def __call__(self, x, rows):
-        """Flux (m, P) and d flux / d x_scaled (m, L, P) at scaled labels x (m, L) of cache rows ``rows``."""
+        """Flux (m, P) and d flux / d x_scaled (m, L, P) at scaled labels x (m, L) of cache rows ``rows``;
+        the Jacobian as a :class:`CachedRows` view of the store (``np.asarray`` gathers it)."""
         mlp = self.mlp
         dt = mlp.dtype.type
         slope = dt(LEAKY_SLOPE)
@@ -323,8 +324,14 @@ class JacobianCache:
         if full.size:
             jt = w0t[None, :, :] * d1[full][:, None, :]  # (n, L, H1)
             jt = (jt @ w1t) * d2[full][:, None, :]  # (n, L, H2)
-            self.jac[rows[full]] = (jt.reshape(-1, h2) @ w2t).reshape(full.size, n_lab, -1)
-            self.age[rows[full]] = 0
+            r_full = rows[full]
+            if r_full[-1] - r_full[0] + 1 == r_full.size and np.all(np.diff(r_full) == 1):
+                # consecutive rows (a first call): the product goes straight into the store, no copy
+                dest = self.jac[r_full[0] : r_full[-1] + 1].reshape(-1, w2t.shape[1])
+                np.matmul(jt.reshape(-1, h2), w2t, out=dest)
+            else:
+                self.jac[r_full] = (jt.reshape(-1, h2) @ w2t).reshape(full.size, n_lab, -1)
+            self.age[r_full] = 0
         upd = np.flatnonzero(update & ((k1 > 0) | (k2 > 0)))
         if upd.size:
             d2_old = np.where(self.mask2[rows[upd]], dt(1), slope)  # (u, H2)
@@ -350,4 +357,39 @@ class JacobianCache:
         self.mask2[rows] = pos2
         self.n_full += full.size
         self.n_updated += int(update.sum())
-        return flux, self.jac[rows]
+        return flux, CachedRows(self.jac, rows)
+
+
+class CachedRows:
+    """Rows ``rows`` of a :class:`JacobianCache`'s store (n_rows, L, P), gathered only when used: slicing
+    by stars (``view[a:b]``) gathers just those stars, so that the fitter copies each block of stars once,
+    from the store into its cache-sized work array, instead of gathering all of them first.
+    ``np.asarray(view)`` gathers everything. Valid until the cache's next call."""
+
+    def __init__(self, store, rows, labels=None):
+        self.store = store
+        self.rows = rows
+        self.labels = labels
+
+    @property
+    def shape(self):
+        n_lab = self.store.shape[1] if self.labels is None else len(self.labels)
+        return (self.rows.size, n_lab, self.store.shape[2])
+
+    @property
+    def dtype(self):
+        return self.store.dtype
+
+    def select_labels(self, labels) -> CachedRows:
+        """The same rows, Jacobian columns ``labels`` only (indices into the store's labels)."""
+        return CachedRows(self.store, self.rows, np.asarray(labels))
+
+    def __getitem__(self, stars: slice) -> np.ndarray:
+        if not isinstance(stars, slice):
+            raise TypeError("CachedRows can be sliced by stars only (view[a:b])")
+        out = self.store[self.rows[stars]]
+        return out if self.labels is None else out[:, self.labels]
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[:]
+        return out if dtype is None else out.astype(dtype, copy=False)

@@ -238,9 +238,11 @@ def _emulate(fm: ForwardModel, evaluator: EmulatorEvaluator, theta: np.ndarray, 
     """Emulator flux (n, P_model) and d flux / d free label (n, F_labels, P_model) (None without jacobian);
     with a Jacobian ``cache`` (:meth:`EmulatorEvaluator.jacobian_cache`) the stars are its ``rows``."""
     if cache is not None and jacobian:
-        flux, jac = cache(fm.full_scaled(theta), rows)
-    else:
-        flux, jac = evaluator(fm.full_scaled(theta), jacobian=jacobian)
+        flux, jac = cache(fm.full_scaled(theta), rows)  # a CachedRows view: gathered block by block
+        if not fm.free.size:
+            return flux, None
+        return flux, (jac if fm.free.size == fm.n_labels else jac.select_labels(fm.free))
+    flux, jac = evaluator(fm.full_scaled(theta), jacobian=jacobian)
     if not (jacobian and fm.free.size):
         return flux, None
     return flux, (jac if fm.free.size == fm.n_labels else jac[:, fm.free, :])
@@ -254,7 +256,7 @@ def _instrument(fm: ForwardModel, flux, jfree, v, want_dv: bool):
 
             values = torch.cat([flux[:, None, :], jfree], dim=1)
         else:
-            values = np.concatenate([flux[:, None, :], jfree], axis=1)
+            values = np.concatenate([flux[:, None, :], np.asarray(jfree)], axis=1)
     else:
         values = flux[:, None, :]
     if fm.lsf is not None:
