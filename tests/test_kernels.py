@@ -48,3 +48,25 @@ def test_median_snr_is_the_nanmedian_of_the_usable_pixels(compiled, monkeypatch)
 def test_median_snr_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="one shape"):
         median_snr(np.ones((2, 5)), np.ones((2, 4)))
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float32, 2e-5), (np.float64, 1e-12)])
+def test_gram_rows_equals_numpy_products(dtype, rtol):
+    """H = js js^T and g = js r per star, as numpy's matmul gives them (to rounding: the kernel reorders
+    sums), symmetric, for one to twelve parameters."""
+    from paynekit._kernels import gram_rows
+
+    if not numba_enabled():
+        pytest.skip("numba is not importable")
+    rng = np.random.default_rng(4)
+    for f in (1, 6, 12):
+        js = rng.normal(size=(5, f, 1001)).astype(dtype)
+        r = rng.normal(size=(5, 1001)).astype(dtype)
+        h, g = gram_rows(js, r)
+        js64, r64 = js.astype(np.float64), r.astype(np.float64)
+        ref_h = js64 @ np.swapaxes(js64, 1, 2)
+        ref_g = (js64 @ r64[:, :, None])[..., 0]
+        assert h.dtype == g.dtype == np.float64
+        np.testing.assert_allclose(h, ref_h, rtol=0, atol=rtol * np.abs(ref_h).max())
+        np.testing.assert_allclose(g, ref_g, rtol=0, atol=rtol * np.abs(ref_g).max())
+        np.testing.assert_array_equal(h, np.swapaxes(h, 1, 2))

@@ -101,3 +101,17 @@ def median_snr(data, weights) -> np.ndarray:
         pix = np.where(weights[has] > 0, data[has] * np.sqrt(weights[has]), np.nan)
     out[has] = np.nanmedian(pix, axis=1)
     return out
+
+
+def gram_rows(js, r):
+    """Per star s: ``H[s] = js[s] @ js[s].T`` (F, F) and ``g[s] = js[s] @ r[s]`` (F,), accumulated in float64,
+    for js (n, F, P) and r (n, P) of one float dtype. Compiled (numba, fastmath: the sums are reordered,
+    so they agree with BLAS to rounding, not bit for bit); for few parameters it is ~2x faster than
+    numpy's stacked matmul, whose per-star (F x P) @ (P x F) products are too thin for BLAS."""
+    from ._numba_kernels import gram_rows as kernel
+
+    n, f, _ = js.shape
+    h = np.empty((n, f, f))
+    g = np.empty((n, f))
+    kernel(np.ascontiguousarray(js), np.ascontiguousarray(r, dtype=js.dtype), h, g)
+    return h, g

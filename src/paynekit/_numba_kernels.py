@@ -127,3 +127,24 @@ def median_snr_rows(data, weights, out):  # pragma: no cover - compiled
                 buf[m] = data[r, i] * math.sqrt(w)
                 m += 1
         out[r] = np.median(buf[:m]) if m > 0 else np.nan
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def gram_rows(js, r, h, g):  # pragma: no cover - compiled
+    n, f, p = js.shape
+    for s in range(n):
+        a = js[s]
+        rr = r[s]
+        for i in range(f):
+            ai = a[i]
+            acc = 0.0
+            for k in range(p):
+                acc += ai[k] * rr[k]
+            g[s, i] = acc
+            for j in range(i, f):
+                aj = a[j]
+                acc = 0.0
+                for k in range(p):
+                    acc += ai[k] * aj[k]
+                h[s, i, j] = acc
+                h[s, j, i] = acc

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._kernels import gram_rows, numba_enabled
 from ..errors import InputError
 from ..instrument import ContinuumDesign, DopplerResampler, _is_torch
 from ..wavelength import air_to_vacuum, vacuum_to_air
@@ -400,6 +401,11 @@ def solve_continuum(design: ContinuumDesign, flux, data, weights):
 #: products and, on a busy machine, their spin-waits made a 23 x 23 x 6000 product ~1000x slower.
 GRAM_BLOCK_MNK = 65536 * 4
 
+#: Up to this many parameters per star the numpy normal equations use the compiled ``_kernels.gram_rows``
+#: (6 parameters x 7214 pixels: 31 against 72 us per star with numpy's stacked matmul, one thread); with
+#: more, BLAS is faster (27 x 8575: 405 against 577 us).
+GRAM_KERNEL_MAX_PARAMS = 12
+
 #: Bytes of Jacobian (rows x parameters x pixels) the numpy normal equations handle at a time (cache-sized).
 NORMAL_BLOCK_BYTES = 1 << 21
 
@@ -465,10 +471,13 @@ def normal_equations(fm: ForwardModel, values, data, weights, jacobian: bool = T
     for b0 in range(0, n, block):
         b1 = min(n, b0 + block)
         js = jac[b0:b1] * scale[b0:b1, None, :]
-        h_b = _matmul_blocked(js, js.mT)
-        g_b = _matmul_blocked(js, r_lo[b0:b1, :, None])[..., 0]
-        h_b = h_b.double() if torch_mode else h_b.astype(np.float64)
-        g_b = g_b.double() if torch_mode else g_b.astype(np.float64)
+        if not torch_mode and f <= GRAM_KERNEL_MAX_PARAMS and numba_enabled():
+            h_b, g_b = gram_rows(js, r_lo[b0:b1])
+        else:
+            h_b = _matmul_blocked(js, js.mT)
+            g_b = _matmul_blocked(js, r_lo[b0:b1, :, None])[..., 0]
+            h_b = h_b.double() if torch_mode else h_b.astype(np.float64)
+            g_b = g_b.double() if torch_mode else g_b.astype(np.float64)
         if design is not None:
             for sl, t, gram in zip(design.slices, bases, grams):
                 a_blk = swf[b0:b1, sl, None] * t[None, :, :]  # sqrt(W) d model / d coefficients (b, P_r, D)
