@@ -300,11 +300,11 @@ class JacobianCache:
         z1 = x @ w0t
         z1 += mlp.biases[0]
         pos1 = z1 > 0
-        a1 = np.where(pos1, z1, z1 * slope)
+        a1, d1 = activate(z1, mlp.activation, derivative=True)
         z2 = a1 @ w1t
         z2 += mlp.biases[1]
         pos2 = z2 > 0
-        a2 = np.where(pos2, z2, z2 * slope)
+        a2, d2 = activate(z2, mlp.activation, derivative=True)
         flux = a2 @ w2t
         flux += mlp.biases[2]
         m, n_lab = x.shape
@@ -318,14 +318,12 @@ class JacobianCache:
         cost = (k1 * (h2 + n_lab) + k2 * n_lab) / (h2 * n_lab)
         age = self.age[rows]
         update = (age >= 0) & (age < JACOBIAN_REFRESH_UPDATES) & (cost <= JACOBIAN_UPDATE_MAX_COST)
-        d1 = np.where(pos1, dt(1), slope)
-        d2 = np.where(pos2, dt(1), slope)
         full = np.flatnonzero(~update)
         if full.size:
             jt = w0t[None, :, :] * d1[full][:, None, :]  # (n, L, H1)
             jt = (jt @ w1t) * d2[full][:, None, :]  # (n, L, H2)
             r_full = rows[full]
-            if r_full[-1] - r_full[0] + 1 == r_full.size and np.all(np.diff(r_full) == 1):
+            if np.all(np.diff(r_full) == 1):
                 # consecutive rows (a first call): the product goes straight into the store, no copy
                 dest = self.jac[r_full[0] : r_full[-1] + 1].reshape(-1, w2t.shape[1])
                 np.matmul(jt.reshape(-1, h2), w2t, out=dest)

@@ -260,7 +260,8 @@ def fit(
     n_usable = (weights > 0).sum(axis=1)
     any_finite = np.isfinite(inp.flux).any(axis=1)
     any_ivar = ((inp.ivar > 0) & np.isfinite(inp.ivar)).any(axis=1)
-    for i in np.flatnonzero((n_usable <= n_total_params) | ~any_finite | ~any_ivar):
+    # a row without finite flux or positive ivar has no usable pixel either
+    for i in np.flatnonzero(n_usable <= n_total_params):
         if bad[i]:
             continue
         if not any_finite[i]:
