@@ -60,6 +60,15 @@ What is modelled (the choices, and why)
   336 pixels for the full fit, +444 for the plain one; the Cannon's +100 / +255): the fits are not missing
   better minima, the models prefer other labels to APOGEE's. Better search cannot fix the RMS; a better
   model of the spectra (or of their noise) can.
+* **How much do the inputs say?** ``--reference-epochs`` (160; 0 skips it) trains a direct
+  regression network on the same inputs (the normalised asinh spectrum with J, H, Ks, plus G - Ks,
+  BP - Ks, RP - Ks and log snr; 2 x 512 GELU, dropout 0.1, AdamW, a Huber loss on standardised
+  labels, the epoch with the lowest loss on 2,000 held-out training stars; :func:`direct_regression`)
+  and scores it like the fits: not a Payne or a Cannon and not a deliverable, but a reference for what
+  these 20,000 training stars and inputs (no parallax) support. On the in-box test stars it reaches
+  143 K, 0.277, 0.164 and 0.063 dex (2026-11-30; the fits' best: 216 K, 0.510, 0.285, 0.102), short
+  of the targets as well: what they ask needs information these inputs do not carry (the published
+  anchors use parallaxes, Zhang+2023, or several times more training stars, Li+2024).
 
 Run (the whole benchmark; ``--n-train``/``--n-test`` take the first N of each split for development)::
 
@@ -301,6 +310,52 @@ def refine_label(emulator, labels, flux, ivar, j, *, n_iter=8, bound=3.0, chunk=
 # ------------------------------------------------------------------------------------------------
 # statistics and the table
 # ------------------------------------------------------------------------------------------------
+def direct_regression(x_train, labels_train, x_test, *, epochs, seed=0, n_valid=2000, hidden=512, threads=2):
+    """Labels straight from the inputs (a reference, not a generative fit): a 2-hidden-layer GELU network
+    on standardised inputs and labels, Huber loss, AdamW; the epoch with the lowest validation loss on
+    ``n_valid`` training rows held out (seeded) is kept. Deterministic for a given seed and thread count."""
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    order = np.random.default_rng(seed).permutation(len(x_train))
+    valid, fit_rows = order[:n_valid], order[n_valid:]
+    mu, sd = x_train[fit_rows].mean(0), x_train[fit_rows].std(0) + 1e-9
+    lm, ls = labels_train[fit_rows].mean(0), labels_train[fit_rows].std(0)
+
+    def tensor(a):
+        return torch.tensor(np.asarray(a, dtype=np.float32))
+
+    xt, yt = tensor((x_train[fit_rows] - mu) / sd), tensor((labels_train[fit_rows] - lm) / ls)
+    xv, yv = tensor((x_train[valid] - mu) / sd), tensor((labels_train[valid] - lm) / ls)
+    layers = [torch.nn.Linear(xt.shape[1], hidden), torch.nn.GELU(), torch.nn.Dropout(0.1),
+              torch.nn.Linear(hidden, hidden), torch.nn.GELU(), torch.nn.Dropout(0.1),
+              torch.nn.Linear(hidden, yt.shape[1])]
+    net = torch.nn.Sequential(*layers)
+    opt = torch.optim.AdamW(net.parameters(), 1e-3, weight_decay=1e-3)
+    loss_fn = torch.nn.SmoothL1Loss(beta=0.5)
+    gen = torch.Generator().manual_seed(seed)
+    best_loss, best_state = np.inf, None
+    for _ in range(epochs):
+        net.train()
+        perm = torch.randperm(xt.shape[0], generator=gen)
+        for start in range(0, xt.shape[0], 256):
+            b = perm[start:start + 256]
+            loss = loss_fn(net(xt[b]), yt[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        net.eval()
+        with torch.no_grad():
+            v = float(loss_fn(net(xv), yv))
+        if v < best_loss:
+            best_loss, best_state = v, {k: t.clone() for k, t in net.state_dict().items()}
+    net.load_state_dict(best_state)
+    net.eval()
+    with torch.no_grad():
+        return net(tensor((x_test - mu) / sd)).numpy().astype(np.float64) * ls + lm
+
+
 def diagnose_truth(name, emulator, spectra, table, truth, names, n_ext=41):
     """chi2 with the labels at the APOGEE values (ext, which APOGEE lacks, at its best value on a grid)
     against chi2 at the fit, for test stars inside the emulator's box: a fit that ends above the truth's
@@ -412,6 +467,8 @@ def main(argv=None):
     ap.add_argument("--project-modes", type=int, default=10,
                     help="leading training-residual modes projected out in the full fit (0 = none)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for training")
+    ap.add_argument("--reference-epochs", type=int, default=160,
+                    help="epochs of the direct-regression reference network (0: skip it)")
     ap.add_argument("--diagnose-truth", action="store_true",
                     help="after each fit, compare chi2 at the APOGEE labels with chi2 at the fit")
     args = ap.parse_args(argv)
@@ -545,6 +602,17 @@ def main(argv=None):
         print(f"  payne: median intrinsic scatter {np.median(np.sqrt(s2)):.4f} "
               f"(stopped: {payne.meta.get('stopped_because')}, best step {payne.meta.get('best_step')})", flush=True)
         fit_labels(f"DD-Payne MLP ({args.payne_hidden})", payne, inflate(iv[tr], s2), inflate(iv_te, s2))
+
+    # ---- reference: labels straight from the same inputs ------------------------------------------
+    if args.reference_epochs > 0:
+        t0 = time.perf_counter()
+        colours = [cols[c].astype(np.float64) - cols["k"].astype(np.float64) for c in (
+            "gaiaedr3_phot_g_mean_mag", "gaiaedr3_phot_bp_mean_mag", "gaiaedr3_phot_rp_mean_mag")]
+        inputs = np.column_stack([y, np.nan_to_num(np.column_stack(colours)),
+                                  np.log10(np.clip(cols["snr"].astype(np.float64), 1e-3, None))])
+        results["reference: direct regression network (not a fit)"] = direct_regression(
+            inputs[tr], ref[tr], inputs[test_idx], epochs=args.reference_epochs, threads=args.threads)
+        timings[f"reference network ({args.reference_epochs} epochs)"] = time.perf_counter() - t0
 
     # ---- tables ---------------------------------------------------------------------------------
     r_te = ref[test_idx]
