@@ -148,11 +148,15 @@ def fit_command(model, bundle, out_dir, args, use_cli: bool):
     if use_cli:
         cmd = [sys.executable, "-m", "paynekit.cli", "fit", str(model), str(bundle), "--out-dir", str(out_dir),
                "--workers", str(args.workers), "--chunk-size", str(args.chunk_size), "--device", args.device]
+        if args.chi2_tolerance is not None:
+            cmd += ["--chi2-tolerance", repr(args.chi2_tolerance)]
         return cmd, " ".join(["paynekit"] + cmd[3:])
+    tol = args.chi2_tolerance
+    fit_config = "FitConfig()" if tol is None else f"FitConfig(chi2_tolerance={tol!r})"
     code = ("from paynekit.fitting import FitConfig\n"
             "from paynekit.pipeline import PipelineConfig, run_pipeline\n"
             "if __name__ == '__main__':\n"
-            f"    s = run_pipeline({str(model)!r}, [{str(bundle)!r}], {str(out_dir)!r}, FitConfig(),\n"
+            f"    s = run_pipeline({str(model)!r}, [{str(bundle)!r}], {str(out_dir)!r}, {fit_config},\n"
             f"        PipelineConfig(workers={args.workers}, chunk_size={args.chunk_size}, device={args.device!r},"
             f" threads_per_worker={args.threads_per_worker}, progress=False))\n"
             "    print('SUMMARY', s.n_rows, s.n_bad, s.seconds)\n")
@@ -214,6 +218,8 @@ def main(argv=None):
     ap.add_argument("--threads-per-worker", type=int, default=1)
     ap.add_argument("--chunk-size", type=int, default=512)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--chi2-tolerance", type=float, default=None,
+                    help="passed to paynekit fit (default: FitConfig's; the targets are for the default)")
     ap.add_argument("--emulator", default="train", help="'train', 'random' or a model file")
     ap.add_argument("--train-seconds", type=float, default=180.0)
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/paynekit-throughput"))
@@ -247,7 +253,9 @@ def main(argv=None):
             shutil.rmtree(out_dir)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\nEmulator: 25 labels, 2x300, {how}. Device {args.device}, {args.workers} worker(s) x "
-          f"{args.threads_per_worker} thread(s), chunk {args.chunk_size}. Load average at the end: {load:.1f} "
+          f"{args.threads_per_worker} thread(s), chunk {args.chunk_size}, chi2 tolerance "
+          f"{'FitConfig default' if args.chi2_tolerance is None else args.chi2_tolerance}. "
+          f"Load average at the end: {load:.1f} "
           f"on {os.cpu_count()} cores.\n")
     print("| N spectra | fitted | flag_bad | wall (s) | spectra/s | CPU s (all processes) | spectra per CPU s | "
           "worker time in fit() | peak RSS, process tree (GB) | largest process (GB) |")

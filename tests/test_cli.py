@@ -75,6 +75,23 @@ def test_bad_freeze_argument(tmp_path, capsys, small_mlp):
     assert "--freeze expects name=value" in capsys.readouterr().err
 
 
+def test_chi2_tolerance_reaches_the_fit_config(tmp_path, capsys, small_mlp):
+    from paynekit.cli import build_parser, fit_config_from_args
+    from paynekit.emulators import save_emulator
+    from paynekit.fitting import FitConfig
+
+    parse = build_parser().parse_args
+    assert fit_config_from_args(parse(["fit", "m.npz", "x.npz"])).chi2_tolerance == FitConfig().chi2_tolerance
+    loose = parse(["fit", "m.npz", "x.npz", "--chi2-tolerance", "0.1"])
+    assert fit_config_from_args(loose).chi2_tolerance == 0.1
+    model = save_emulator(small_mlp, tmp_path / "m.npz")
+    argv = ["fit", str(model), str(tmp_path / "x.npz"), "-o", str(tmp_path / "c.fits"),
+            "--chi2-tolerance", "-1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "chi2_tolerance must be > 0" in err and "-1" in err
+
+
 @pytest.mark.slow
 def test_demo_runs_end_to_end_at_small_scale(tmp_path, capsys):
     import json

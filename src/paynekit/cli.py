@@ -107,6 +107,8 @@ def fit_config_from_args(args):
 
     options = {"optimizer": args.optimizer, "rv_range": args.rv_range, "continuum": _parse_continuum(args.continuum),
                "resolution": args.resolution, "frozen": _parse_freeze(args.freeze), "seed": args.seed}
+    if getattr(args, "chi2_tolerance", None) is not None:
+        options["chi2_tolerance"] = args.chi2_tolerance
     if args.noise_model:
         options["noise_model"] = args.noise_model
     if args.mask:
@@ -262,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", default=None, help="pixel mask file (wavelength intervals or a boolean array)")
     p.add_argument("--noise-model", default=None, help="noise model file (JSON or npz)")
     p.add_argument("--freeze", nargs="+", default=None, metavar="NAME=VALUE", help="hold labels fixed")
+    p.add_argument("--chi2-tolerance", type=float, default=None, metavar="DCHI2",
+                   help="stop a fit when less chi2 than this is left to gain (default FitConfig's 0.01; "
+                        "0.1: ~15%% more spectra/s with 25 labels, labels within 0.2 sigma; docs/design.md)")
     p.add_argument("--workers", type=int, default=None, help="local worker processes (default: all cores)")
     p.add_argument("--scheduler", default=None, help="Dask scheduler address (tcp://host:port)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
