@@ -103,7 +103,11 @@ class FitConfig:
         ``incremental_jacobian`` (True): with numpy and a leaky-ReLU Payne network of two hidden layers,
         keep each star's Jacobian between steps and update it for the hidden units that changed side
         (exact up to float rounding; :class:`paynekit.emulators.payne.JacobianCache`) instead of
-        evaluating it in full;
+        evaluating it in full; ``lm_kink_steps`` (True): with a leaky-ReLU Payne network of two hidden
+        layers and the trial dampings on, each step also tries one that lands on the kinks (hidden units
+        that changed side) the star crossed in its previous step and moves along them, which ends the
+        zigzag across a kink at a minimum: on 512 mock APOGEE stars with 25 labels the errors against the
+        truth shrank in 24 of 25 labels (Teff RMS 36.6 -> 32.9 K), at 20-30 % more time (docs/design.md);
         ``scipy_tolerance`` (ftol = xtol = gtol of curve_fit), ``scipy_max_nfev``.
     Data
         ``pixel_mask_file``: pixels to leave out of every fit, on the data's grid: a text file of
@@ -153,6 +157,7 @@ class FitConfig:
     lm_trial_dampings: tuple = (1.0, 0.1, 0.01)
     lm_trial_min_params: int = 12
     incremental_jacobian: bool = True
+    lm_kink_steps: bool = True
     scipy_tolerance: float = 1e-8
     scipy_max_nfev: int = 500
     noise_model: object | None = None

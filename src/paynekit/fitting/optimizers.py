@@ -17,6 +17,8 @@
   across kinks that one damping at a time makes. With numpy and a two-hidden-layer leaky-ReLU Payne
   network each star's Jacobian is kept between steps and updated for the hidden units that changed side
   (``incremental_jacobian``, :class:`paynekit.emulators.payne.JacobianCache`; exact up to rounding).
+  With such a network and the trial dampings on, one more trial lands on the kinks the star crossed in its
+  last step (``lm_kink_steps``, :class:`_KinkPlanes`), which ends the zigzag across a kink at a minimum.
   A star still descending after ``max_iterations`` is a failure if its decrement exceeds
   :data:`NONCONVERGED_DECREMENT`. Works with numpy or torch (CPU/CUDA) arrays; the per-star linear algebra is float64.
 * :func:`scipy_reference`: one spectrum at a time with ``scipy.optimize.curve_fit(method="trf")``, the
@@ -144,6 +146,97 @@ class _Evaluator:
         return np.where(ok, obj, np.inf), ne.chi2, h, g, ne
 
 
+#: Kink steps: the penalty that holds a trial step on a crossed hyperplane, relative to the curvature.
+KINK_PENALTY = 1e6
+#: ... and a star within this distance (scaled labels) of a first-layer kink counts as on it.
+KINK_ON_PLANE = 1e-5
+
+
+class _KinkPlanes:
+    """Trial steps that end on the kinks of a two-hidden-layer leaky-ReLU network that a star crossed in
+    its last accepted step.
+
+    The chi2 of such a network is piecewise quadratic in the labels, and near a minimum that lies on a
+    kink (a hidden unit's pre-activation z = 0) a damped Gauss-Newton step overshoots to the other side,
+    and the next one back: the fit zigzags across the kink for many steps. Each crossed unit is a
+    hyperplane in label space, ``z + n . d = 0`` for a step d (exact for the first layer, whose z is linear
+    in the labels; to first order for the second). This step minimises the damped quadratic model plus
+    ``KINK_PENALTY`` times the curvature scale on those hyperplanes, i.e. it lands on the crossed kinks
+    and moves along them. It is one more trial for the optimiser, kept only when its chi2 is the lowest
+    and gains at least the tolerance.
+    """
+
+    def __init__(self, mlp, fm: ForwardModel):
+        self.w0 = np.asarray(mlp.weights[0], dtype=np.float64)
+        self.b0 = np.asarray(mlp.biases[0], dtype=np.float64)
+        self.w1 = np.asarray(mlp.weights[1], dtype=np.float64)
+        self.b1 = np.asarray(mlp.biases[1], dtype=np.float64)
+        self.w0_norm = np.linalg.norm(self.w0, axis=1)
+        self.fm = fm
+
+    @classmethod
+    def for_evaluator(cls, emulator_eval, fm: ForwardModel):
+        from ..emulators.payne import JacobianCache
+
+        emulator = getattr(emulator_eval, "emulator", None)
+        return cls(emulator, fm) if JacobianCache.supports(emulator) else None
+
+    def _pre_activations(self, x):
+        from ..emulators.payne import activate
+
+        z1 = x @ self.w0.T + self.b0
+        a1, d1 = activate(z1, "leaky_relu", derivative=True)
+        return z1, d1, a1 @ self.w1.T + self.b1
+
+    def steps(self, theta, previous, has_previous, h_damped, g, free, lower, upper):
+        """Steps (m, F) to the kinks crossed between ``previous`` and ``theta`` (zeros where none was
+        crossed, or too many: far from a minimum) and a mask of the stars that have one."""
+        m, f = theta.shape
+        out = np.zeros((m, f))
+        fm = self.fm
+        z1, d1, z2 = self._pre_activations(fm.full_scaled(theta))
+        p1, _, p2 = self._pre_activations(fm.full_scaled(previous))
+        c1 = ((z1 > 0) != (p1 > 0)) & has_previous[:, None]
+        c2 = ((z2 > 0) != (p2 > 0)) & has_previous[:, None]
+        # a first-layer kink the star already sits on (a kink step's landing point) stays held
+        c1 |= (np.abs(z1) < KINK_ON_PLANE * self.w0_norm) & has_previous[:, None]
+        k = c1.sum(axis=1) + c2.sum(axis=1)
+        rows = np.flatnonzero((k > 0) & (2 * k < f))
+        if rows.size == 0:
+            return out, np.zeros(m, dtype=bool)
+        c1, c2, z1, z2, d1 = c1[rows], c2[rows], z1[rows], z2[rows], d1[rows]
+        parts_n, parts_z, parts_ok = [], [], []
+        for crossed, z, layer in ((c1, z1, 0), (c2, z2, 1)):
+            width = int(crossed.sum(axis=1).max())
+            if width == 0:
+                continue
+            units = np.argsort(~crossed, axis=1, kind="stable")[:, :width]  # crossed units first
+            parts_ok.append(np.take_along_axis(crossed, units, axis=1))
+            parts_z.append(np.take_along_axis(z, units, axis=1))
+            if layer == 0:
+                parts_n.append(self.w0[units])  # (r, width, L)
+            else:
+                parts_n.append((self.w1[units] * d1[:, None, :]) @ self.w0)
+        normal_x = np.concatenate(parts_n, axis=1)
+        zz = np.concatenate(parts_z, axis=1)
+        ok = np.concatenate(parts_ok, axis=1)
+        normal = np.zeros(normal_x.shape[:2] + (f,))
+        normal[..., : fm.free.size] = normal_x[..., fm.free]
+        normal *= free[rows][:, None, :]  # coordinates held at a bound stay held
+        nn = np.sum(normal * normal, axis=2)
+        ok &= nn > 0
+        hb = h_damped[rows]
+        scale = np.mean(np.abs(np.diagonal(hb, axis1=1, axis2=2)), axis=1)
+        mu = np.where(ok, KINK_PENALTY * scale[:, None] / np.where(ok, nn, 1.0), 0.0)
+        h = hb + np.einsum("rk,rki,rkj->rij", mu, normal, normal)
+        rhs = g[rows] - np.einsum("rk,rki,rk->ri", mu, normal, zz)
+        th = theta[rows]
+        out[rows] = np.clip(th + _solve_small(h, rhs), lower[rows], upper[rows]) - th
+        has = np.zeros(m, dtype=bool)
+        has[rows] = np.any(ok, axis=1)
+        return out, has
+
+
 def _torch_index(rows, like):
     import torch
 
@@ -180,6 +273,9 @@ def batched_levenberg_marquardt(
     n_iter = np.ones(n, dtype=np.int64)
     converged = np.zeros(n, dtype=bool)
     rejections = np.zeros(n, dtype=np.int64)
+    kinks = _KinkPlanes.for_evaluator(emulator_eval, fm) if cheap_trials and config.lm_kink_steps else None
+    previous = theta.copy()  # where each star's last accepted step started
+    has_previous = np.zeros(n, dtype=bool)
     for _ in range(max_iterations):
         idx = np.flatnonzero(active)
         if idx.size == 0:
@@ -193,6 +289,7 @@ def batched_levenberg_marquardt(
         active[idx[done]] = False
         keep = ~done
         idx, th, lo, hi, hf, gf = idx[keep], th[keep], lo[keep], hi[keep], hf[keep], gf[keep]
+        free = free[keep]
         if idx.size == 0:
             break
         diag = np.diagonal(hf, axis1=1, axis2=2)
@@ -206,9 +303,21 @@ def batched_levenberg_marquardt(
             all_trials = np.concatenate([th + st for st in steps])
             t_obj_all = evaluate(all_trials, np.tile(idx, factors.size), jacobian=False)[0]
             t_obj_all = t_obj_all.reshape(factors.size, m)
+            chosen_all = factors
+            if kinks is not None:
+                h1 = hf + (lam[idx][:, None] * diag)[:, :, None] * np.eye(f)[None]
+                k_step, k_has = kinks.steps(th, previous[idx], has_previous[idx], h1, gf, free, lo, hi)
+                k_obj = np.full(m, np.inf)
+                if np.any(k_has):
+                    k_obj[k_has] = evaluate(th[k_has] + k_step[k_has], idx[k_has], jacobian=False)[0]
+                # a kink step must gain: one that does not would end the fit where the crawl could go on
+                k_obj = np.where(obj[idx] - k_obj >= config.chi2_tolerance, k_obj, np.inf)
+                steps.append(k_step)
+                t_obj_all = np.concatenate([t_obj_all, k_obj[None]])
+                chosen_all = np.append(factors, 1.0)
             pick = np.argmin(np.where(np.isfinite(t_obj_all), t_obj_all, np.inf), axis=0)
             step = np.stack(steps)[pick, np.arange(m)]
-            chosen = factors[pick]
+            chosen = chosen_all[pick]
             best_obj = t_obj_all[pick, np.arange(m)]
             go = np.isfinite(best_obj) & (best_obj <= obj[idx])
         else:
@@ -232,6 +341,8 @@ def batched_levenberg_marquardt(
         better = np.isfinite(t_obj) & (t_obj <= obj[idx])
         gain = np.where(better, obj[idx] - t_obj, 0.0)
         acc = idx[better]
+        previous[acc] = theta[acc]
+        has_previous[acc] = True
         theta[acc] = trial[better]
         obj[acc], chi2[acc], h[acc], g[acc] = t_obj[better], t_chi2[better], t_h[better], t_g[better]
         if acc.size:
