@@ -281,15 +281,25 @@ def test_multi_damping_steps_reach_the_same_minimum(toy, mock, batched_result):
         assert not np.any(multi["flag_bad"])
 
 
+def _leaky_toy(toy):
+    """The toy's weights with leaky ReLU: a piecewise linear network."""
+    e = toy.emu
+    return PayneMLP(e.weights, e.biases, e.label_space, e.wavelength, activation="leaky_relu")
+
+
+def _leaky_observations(toy, mock, n, seed):
+    """The leaky toy, and noisy Doppler-shifted spectra of the first n mock stars."""
+    leaky = _leaky_toy(toy)
+    x, v, *_ = mock
+    flux, ivar = noisy(leaky.predict(x[:n]), SNR, np.random.default_rng(seed))
+    flux = DopplerResampler(leaky.wavelength, leaky.wavelength).apply(flux[:, None, :], v[:n])[:, 0, :]
+    return leaky, flux, ivar
+
+
 def test_incremental_jacobians_reach_the_same_fits(toy, mock, monkeypatch):
     """A leaky-ReLU network (the toy's weights, piecewise linear) fitted with Jacobians updated from step to
     step and with full ones: the same labels within 0.05 sigma and the same chi2, and the updates ran."""
-    e = toy.emu
-    leaky = PayneMLP(e.weights, e.biases, e.label_space, e.wavelength, activation="leaky_relu")
-    x, v, *_ = mock
-    rng = np.random.default_rng(5)
-    flux, ivar = noisy(leaky.predict(x[:16]), SNR, rng)
-    flux = DopplerResampler(leaky.wavelength, leaky.wavelength).apply(flux[:, None, :], v[:16])[:, 0, :]
+    leaky, flux, ivar = _leaky_observations(toy, mock, 16, seed=5)
     counts = {"updated": 0}
     call = JacobianCache.__call__
 
@@ -311,11 +321,6 @@ def test_incremental_jacobians_reach_the_same_fits(toy, mock, monkeypatch):
         assert d.max() < 0.05, n
         np.testing.assert_allclose(inc[f"raw_e_{n}"], full[f"raw_e_{n}"], rtol=1e-3)
     np.testing.assert_allclose(inc["chi2"], full["chi2"], rtol=1e-5)
-
-
-def _leaky_toy(toy):
-    e = toy.emu
-    return PayneMLP(e.weights, e.biases, e.label_space, e.wavelength, activation="leaky_relu")
 
 
 @pytest.mark.parametrize("layer", [0, 1])
@@ -377,11 +382,7 @@ def test_kink_steps_are_taken_and_fit_as_well(toy, mock, monkeypatch):
     than without them (within 0.5 for at least 90 % of the stars, lower in sum), with unflagged rows."""
     from paynekit.fitting.optimizers import _KinkPlanes
 
-    leaky = _leaky_toy(toy)
-    x, v, *_ = mock
-    rng = np.random.default_rng(6)
-    flux, ivar = noisy(leaky.predict(x[:24]), SNR, rng)
-    flux = DopplerResampler(leaky.wavelength, leaky.wavelength).apply(flux[:, None, :], v[:24])[:, 0, :]
+    leaky, flux, ivar = _leaky_observations(toy, mock, 24, seed=6)
     offered = {"n": 0}
     original = _KinkPlanes.steps
 
