@@ -107,7 +107,7 @@ def fit_config_from_args(args):
 
     options = {"optimizer": args.optimizer, "rv_range": args.rv_range, "continuum": _parse_continuum(args.continuum),
                "resolution": args.resolution, "frozen": _parse_freeze(args.freeze), "seed": args.seed}
-    if getattr(args, "chi2_tolerance", None) is not None:
+    if args.chi2_tolerance is not None:
         options["chi2_tolerance"] = args.chi2_tolerance
     if args.noise_model:
         options["noise_model"] = args.noise_model
