@@ -150,9 +150,13 @@ def fit_command(model, bundle, out_dir, args, use_cli: bool):
                "--workers", str(args.workers), "--chunk-size", str(args.chunk_size), "--device", args.device]
         if args.chi2_tolerance is not None:
             cmd += ["--chi2-tolerance", repr(args.chi2_tolerance)]
+        if args.exact_curvature:
+            cmd += ["--exact-curvature"]
         return cmd, " ".join(["paynekit"] + cmd[3:])
-    tol = args.chi2_tolerance
-    fit_config = "FitConfig()" if tol is None else f"FitConfig(chi2_tolerance={tol!r})"
+    options = {} if args.chi2_tolerance is None else {"chi2_tolerance": args.chi2_tolerance}
+    if args.exact_curvature:
+        options["lm_hidden_curvature"] = False
+    fit_config = f"FitConfig(**{options!r})"
     code = ("from paynekit.fitting import FitConfig\n"
             "from paynekit.pipeline import PipelineConfig, run_pipeline\n"
             "if __name__ == '__main__':\n"
@@ -220,6 +224,9 @@ def main(argv=None):
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--chi2-tolerance", type=float, default=None,
                     help="passed to paynekit fit (default: FitConfig's; the targets are for the default)")
+    ap.add_argument("--exact-curvature", action="store_true",
+                    help="passed to paynekit fit: every step with the exact curvature (the default until "
+                         "2026-12)")
     ap.add_argument("--emulator", default="train", help="'train', 'random' or a model file")
     ap.add_argument("--train-seconds", type=float, default=180.0)
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/paynekit-throughput"))
@@ -254,7 +261,8 @@ def main(argv=None):
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\nEmulator: 25 labels, 2x300, {how}. Device {args.device}, {args.workers} worker(s) x "
           f"{args.threads_per_worker} thread(s), chunk {args.chunk_size}, chi2 tolerance "
-          f"{'FitConfig default' if args.chi2_tolerance is None else args.chi2_tolerance}. "
+          f"{'FitConfig default' if args.chi2_tolerance is None else args.chi2_tolerance}, "
+          f"{'exact' if args.exact_curvature else 'hidden-layer (FitConfig default)'} curvature. "
           f"Load average at the end: {load:.1f} "
           f"on {os.cpu_count()} cores.\n")
     print("| N spectra | fitted | flag_bad | wall (s) | spectra/s | CPU s (all processes) | spectra per CPU s | "

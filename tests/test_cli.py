@@ -75,7 +75,7 @@ def test_bad_freeze_argument(tmp_path, capsys, small_mlp):
     assert "--freeze expects name=value" in capsys.readouterr().err
 
 
-def test_chi2_tolerance_reaches_the_fit_config(tmp_path, capsys, small_mlp):
+def test_chi2_tolerance_and_exact_curvature_reach_the_fit_config(tmp_path, capsys, small_mlp):
     from paynekit.cli import build_parser, fit_config_from_args
     from paynekit.emulators import save_emulator
     from paynekit.fitting import FitConfig
@@ -84,6 +84,9 @@ def test_chi2_tolerance_reaches_the_fit_config(tmp_path, capsys, small_mlp):
     assert fit_config_from_args(parse(["fit", "m.npz", "x.npz"])).chi2_tolerance == FitConfig().chi2_tolerance
     loose = parse(["fit", "m.npz", "x.npz", "--chi2-tolerance", "0.1"])
     assert fit_config_from_args(loose).chi2_tolerance == 0.1
+    assert fit_config_from_args(loose).lm_hidden_curvature is FitConfig().lm_hidden_curvature is True
+    exact = parse(["fit", "m.npz", "x.npz", "--exact-curvature"])
+    assert fit_config_from_args(exact).lm_hidden_curvature is False
     model = save_emulator(small_mlp, tmp_path / "m.npz")
     argv = ["fit", str(model), str(tmp_path / "x.npz"), "-o", str(tmp_path / "c.fits"),
             "--chi2-tolerance", "-1"]

@@ -55,6 +55,35 @@ def doppler_rows(values, v, log_step, c_kms, starts, stops, out) -> None:
     kernel(values, v, log_step, c_kms, starts, stops, out)
 
 
+def doppler_rows_transpose(values, v, log_step, c_kms, starts, stops) -> np.ndarray:
+    """The adjoint (transpose) of :func:`doppler_rows` for one channel: for values (n, P) on the data grid,
+    ``out[r] = S(v[r])^T values[r]`` on the model grid, so that ``sum(doppler(x) * y) == sum(x * out)``
+    (the chain rule from data pixels back to model pixels). Compiled; needs numba."""
+    from ._numba_kernels import doppler_rows_transpose as kernel
+
+    vals = np.ascontiguousarray(values)
+    out = np.empty_like(vals)
+    kernel(vals, np.asarray(v, dtype=np.float64), log_step, c_kms, starts, stops, out)
+    return out
+
+
+def residual_rows(data, weights, rows, model, dv=None, want=False):
+    """chi2 per star of ``model`` (m, P) against rows ``rows`` of data and weights (N, P, float64), without
+    gathering them: ``sum(w (d - model)^2)``. With ``want`` also w r (m, P, float32), and with ``dv``
+    (d model / d v, (m, P)) w dv and the sums ``sum(w r dv)``, ``sum(w dv^2)``. Returns
+    (chi2, w r or None, w dv or None, sum w r dv, sum w dv^2). Compiled; needs numba."""
+    from ._numba_kernels import residual_rows as kernel
+
+    m, p = model.shape
+    dvv = np.empty((0, 0), dtype=model.dtype) if dv is None else np.ascontiguousarray(dv, dtype=model.dtype)
+    wr = np.empty((m, p) if want else (0, 0), dtype=np.float32)
+    wdv = np.empty((m, p) if (want and dv is not None) else (0, 0), dtype=np.float32)
+    out = np.zeros((m, 3))
+    rows = np.asarray(rows, dtype=np.int64)
+    kernel(data, weights, rows, np.ascontiguousarray(model), dvv, want, wr, wdv, out)
+    return out[:, 0], (wr if want else None), (wdv if want and dv is not None else None), out[:, 1], out[:, 2]
+
+
 def interpolate_rows(data, weights, lam, segments, tolerance):
     """Linear interpolation of float64 data (n, P) and inverse-variance weights at wavelengths lam
     ((n, Q), or (1, Q) for all rows) on a grid of "log" or "linear" segments (``instrument._Segment``);

@@ -148,3 +148,77 @@ def gram_rows(js, r, h, g):  # pragma: no cover - compiled
                     acc += ai[k] * aj[k]
                 h[s, i, j] = acc
                 h[s, j, i] = acc
+
+
+@numba.njit(cache=True, nogil=True)
+def doppler_rows_transpose(values, v, log_step, c_kms, starts, stops, out):  # pragma: no cover - compiled
+    # the adjoint of doppler_rows for one channel: out[r, clamp(i + s + k - 2)] += w_k * values[r, i]
+    n, _p = values.shape
+    for r in range(n):
+        delta = -math.log1p(v[r] / c_kms) / log_step
+        sr, w64, _ = cubic5(delta, 0.0)
+        w = w64.astype(values.dtype)
+        k0, k1, k2, k3, k4 = w[0], w[1], w[2], w[3], w[4]
+        x = values[r]
+        y = out[r]
+        for q in range(starts.size):
+            a, b = starts[q], stops[q]
+            lo = min(max(a - sr + 2, a), b)
+            hi = min(max(b - sr - 2, lo), b)
+            for t in range(a, b):
+                y[t] = 0.0
+            if hi > lo:
+                # targets t in [t0, t1) receive from interior sources only (gathered, vectorisable) ...
+                t0 = lo + sr + 2
+                t1 = hi + sr - 2
+                for t in range(t0, t1):
+                    i = t - sr
+                    y[t] += k0 * x[i + 2] + k1 * x[i + 1] + k2 * x[i] + k3 * x[i - 1] + k4 * x[i - 2]
+                # ... the first and last four interior sources also reach targets outside it
+                for i in range(lo, min(lo + 4, hi)):
+                    for k in range(5):
+                        t = i + sr + k - 2
+                        if t < t0 or t >= t1:
+                            y[t] += w[k] * x[i]
+                for i in range(max(hi - 4, lo + 4), hi):
+                    for k in range(5):
+                        t = i + sr + k - 2
+                        if t < t0 or t >= t1:
+                            y[t] += w[k] * x[i]
+            for e0, e1 in ((a, lo), (hi, b)):  # sources whose taps clamp at the segment's edge
+                for i in range(e0, e1):
+                    for k in range(5):
+                        t = min(max(i + sr + k - 2, a), b - 1)
+                        y[t] += w[k] * x[i]
+
+
+@numba.njit(cache=True, nogil=True)
+def residual_rows(data, weights, rows, model, dv, want, out_wr, out_wdv, out):  # pragma: no cover - compiled
+    m, p = model.shape
+    for i in range(m):
+        d = data[rows[i]]
+        w = weights[rows[i]]
+        mo = model[i]
+        s = 0.0
+        if not want:
+            for j in range(p):
+                r = d[j] - mo[j]
+                s += w[j] * r * r
+            out[i, 0] = s
+            continue
+        s1 = 0.0
+        s2 = 0.0
+        has_dv = dv.shape[0] > 0
+        for j in range(p):
+            r = d[j] - mo[j]
+            wr = w[j] * r
+            s += wr * r
+            out_wr[i, j] = wr
+            if has_dv:
+                x = dv[i, j]
+                s1 += wr * x
+                s2 += w[j] * x * x
+                out_wdv[i, j] = w[j] * x
+        out[i, 0] = s
+        out[i, 1] = s1
+        out[i, 2] = s2

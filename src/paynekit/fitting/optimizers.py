@@ -19,6 +19,10 @@
   (``incremental_jacobian``, :class:`paynekit.emulators.payne.JacobianCache`; exact up to rounding).
   With such a network and the trial dampings on, one more trial lands on the kinks the star crossed in its
   last step (``lm_kink_steps``, :class:`_KinkPlanes`), which ends the zigzag across a kink at a minimum.
+  Where the network, the data and the fit allow it (``lm_hidden_curvature``,
+  :class:`~paynekit.fitting.hidden_space.HiddenSpaceEvaluator`: no continuum, no LSF, one log-uniform grid),
+  the steps take chi2 and gradient exactly but the curvature from a Gram matrix in the network's last hidden
+  layer, without forming the pixels' Jacobian; the exact curvature is evaluated once where the fits ended.
   A star still descending after ``max_iterations`` is a failure if its decrement exceeds
   :data:`NONCONVERGED_DECREMENT`. Works with numpy or torch (CPU/CUDA) arrays; the per-star linear algebra is float64.
 * :func:`scipy_reference`: one spectrum at a time with ``scipy.optimize.curve_fit(method="trf")``, the
@@ -260,7 +264,13 @@ def batched_levenberg_marquardt(
     factors = np.asarray(config.lm_trial_dampings, dtype=np.float64)
     cheap_trials = f >= config.lm_trial_min_params and factors.size > 1
     p = data.shape[1]
-    evaluate = _Evaluator(fm, emulator_eval, data, weights, config.incremental_jacobian)
+    hidden = None
+    if cheap_trials and config.lm_hidden_curvature:
+        from .hidden_space import HiddenSpaceEvaluator
+
+        hidden = HiddenSpaceEvaluator.for_fit(fm, emulator_eval, data, weights)
+    exact = _Evaluator(fm, emulator_eval, data, weights, config.incremental_jacobian and hidden is None)
+    evaluate = exact if hidden is None else hidden
     theta = np.clip(np.asarray(theta0, dtype=np.float64), lower, upper)
     rows_all = np.arange(n)
     obj, chi2, h, g, ne = evaluate(theta, rows_all)
@@ -370,6 +380,12 @@ def batched_levenberg_marquardt(
         rejections[rej] += 1
         # no step along the damped path helps: a minimum at a kink of the network (not a failure)
         active[rej[(lam[rej] > LM_MAX_DAMPING) | (rejections[rej] > config.lm_max_rejections)]] = False
+    if hidden is not None:
+        # the steps used an approximate curvature: the exact one (and chi2, model) where the fits ended
+        fin = np.flatnonzero(np.isfinite(obj))
+        if fin.size:
+            obj[fin], chi2[fin], h[fin], g[fin], ne_ = exact(theta[fin], fin)
+            model[fin] = to_numpy(ne_.model)
     # stars still descending when the iterations ran out: a failure if they are far from the minimum
     for i in np.flatnonzero(active & np.isfinite(obj)):
         d = decrement(h[i : i + 1], g[i : i + 1], theta[i : i + 1], lower[i : i + 1], upper[i : i + 1])[0]

@@ -1,0 +1,221 @@
+"""The hidden-layer curvature path of the batched optimiser (paynekit.fitting.hidden_space): its compiled
+kernels, its exact chi2 and gradient, its curvature against the exact one, the fits it makes, and where it
+does not apply."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from paynekit import _kernels
+from paynekit.emulators import PayneMLP
+from paynekit.fitting import FitConfig, fit
+from paynekit.fitting.forward import EmulatorEvaluator, build_forward_model
+from paynekit.fitting.hidden_space import HiddenSpaceEvaluator
+from paynekit.fitting.optimizers import _Evaluator, batched_levenberg_marquardt
+from paynekit.fitting.uncertainties import invert_curvature
+from paynekit.instrument import SPEED_OF_LIGHT_KMS, ChebyshevContinuum, DopplerResampler
+
+from ._fitting_toys import LineToy, noisy
+
+pytestmark = pytest.mark.skipif(not _kernels.numba_enabled(), reason="the hidden-layer path needs numba")
+
+
+@pytest.fixture(scope="module")
+def leaky():
+    """The line toy's network with leaky ReLU (piecewise linear; 4 labels, hidden layers of 12 and 24)."""
+    e = LineToy().emu
+    return PayneMLP(e.weights, e.biases, e.label_space, e.wavelength, activation="leaky_relu")
+
+
+@pytest.fixture(scope="module")
+def observations(leaky):
+    """24 noisy, Doppler-shifted spectra of the leaky toy (S/N 100), their labels and velocities."""
+    rng = np.random.default_rng(21)
+    xs = rng.uniform(-0.35, 0.35, (24, leaky.n_labels))
+    v = rng.uniform(-300, 300, 24)
+    flux, ivar = noisy(leaky.predict(leaky.label_space.unscale(xs)), 100.0, rng)
+    flux = DopplerResampler(leaky.wavelength, leaky.wavelength).apply(flux[:, None, :], v)[:, 0, :]
+    return xs, v, flux, ivar
+
+
+def _two_segment_grid():
+    step = 1.5e-5
+    i = np.concatenate([np.arange(300), np.arange(420, 700)])
+    return 15200.0 * np.exp(step * i)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_doppler_transpose_is_the_adjoint_of_the_shift(dtype):
+    """<S x, y> = <x, S^T y> for velocities that shift by fractions of a pixel, by many pixels and off a
+    segment's edge (the clamped taps), on a grid of two log-uniform segments."""
+    wl = _two_segment_grid()
+    rs = DopplerResampler(wl, wl)
+    assert rs.fast and rs._seg_starts.size == 2
+    rng = np.random.default_rng(3)
+    v = np.array([0.0, 0.4, -2.7, 150.0, -380.0, 2400.0])
+    x = rng.normal(size=(v.size, wl.size)).astype(dtype)
+    y = rng.normal(size=(v.size, wl.size)).astype(dtype)
+    sx = rs.apply(x[:, None, :], v)[:, 0, :]
+    sty = _kernels.doppler_rows_transpose(y, v, rs.log_step, SPEED_OF_LIGHT_KMS, rs._seg_starts,
+                                          rs._seg_stops)
+    lhs = np.sum(sx.astype(float) * y, axis=1)
+    rhs = np.sum(x.astype(float) * sty, axis=1)
+    np.testing.assert_allclose(lhs, rhs, rtol=1e-5 if dtype == np.float32 else 1e-12)
+    # at v = 0 the shift is the identity, and so is its transpose
+    np.testing.assert_allclose(sty[0], y[0], rtol=1e-6)
+
+
+def test_residual_rows_equals_numpy():
+    rng = np.random.default_rng(4)
+    data = rng.normal(1.0, 0.1, (5, 200))
+    weights = rng.uniform(0, 50, (5, 200))
+    rows = np.array([3, 0, 3, 4])
+    model = rng.normal(1.0, 0.1, (4, 200)).astype(np.float32)
+    dv = rng.normal(0, 0.01, (4, 200)).astype(np.float32)
+    chi2, wr, wdv, s_rdv, s_dv2 = _kernels.residual_rows(data, weights, rows, model, dv, want=True)
+    r = data[rows] - model
+    w = weights[rows]
+    np.testing.assert_allclose(chi2, np.sum(w * r * r, axis=1), rtol=1e-12)
+    np.testing.assert_allclose(wr, w * r, rtol=1e-6)
+    np.testing.assert_allclose(wdv, w * dv, rtol=1e-6)
+    np.testing.assert_allclose(s_rdv, np.sum(w * r * dv, axis=1), rtol=1e-10)
+    np.testing.assert_allclose(s_dv2, np.sum(w * dv * dv, axis=1), rtol=1e-10)
+    only = _kernels.residual_rows(data, weights, rows, model)
+    np.testing.assert_allclose(only[0], chi2, rtol=1e-12)
+    assert only[1] is None and only[2] is None
+
+
+def _evaluators(leaky, flux, ivar, rank=None, **config):
+    cfg = FitConfig(**config)
+    fm = build_forward_model(leaky, leaky.wavelength, cfg)
+    ev = EmulatorEvaluator(leaky, "float32", "numpy")
+    hidden = HiddenSpaceEvaluator(fm, ev.emulator, flux, ivar, **({} if rank is None else {"rank": rank}))
+    exact = _Evaluator(fm, EmulatorEvaluator(leaky, "float64", "numpy"), flux, ivar)
+    return fm, ev, hidden, exact
+
+
+def _relative(a, b):
+    return np.linalg.norm(a - b, axis=(1, 2)) / np.linalg.norm(b, axis=(1, 2))
+
+
+def test_chi2_and_gradient_are_exact_and_the_curvature_is_close(leaky, observations):
+    """chi2 and gradient equal the exact evaluator's (float32 rounding); so does the curvature with all
+    singular values kept (at the velocity of the first evaluation); bounds (Frobenius) away from that
+    velocity and with fewer singular values."""
+    xs, v, flux, ivar = observations
+    fm, _, hidden, exact = _evaluators(leaky, flux, ivar)
+    rows = np.arange(xs.shape[0])
+    for vel in (np.zeros_like(v), v + 0.3):
+        fm, _, hidden, exact = _evaluators(leaky, flux, ivar)  # a new Gram matrix at each velocity
+        theta = np.column_stack([xs + 0.05, vel])
+        o_h, c_h, h_h, g_h, _ = hidden(theta, rows)
+        o_e, c_e, h_e, g_e, _ = exact(theta, rows)
+        np.testing.assert_allclose(c_h, c_e, rtol=1e-4)
+        np.testing.assert_allclose(o_h, o_e, rtol=1e-4)
+        scale = np.max(np.abs(g_e), axis=1, keepdims=True)
+        np.testing.assert_allclose(g_h / scale, g_e / scale, atol=1e-3)
+        assert _relative(h_h, h_e).max() < 1e-4
+        np.testing.assert_array_equal(hidden(theta, rows, jacobian=False)[1], c_h)
+    # 2 km/s from the velocity where the Gram matrix was made: within 2 %
+    theta = np.column_stack([xs + 0.05, v])
+    hidden(theta, rows)
+    moved = np.column_stack([xs + 0.05, v + 2.0])
+    assert _relative(hidden(moved, rows)[2], exact(moved, rows)[2]).max() < 0.02
+    # 8 of 24 singular values kept, the rest of the output weights weighted by the star's mean weight:
+    # within 3 % for the median star, 20 % for the worst (this toy's 24 units are 24 separate line sets)
+    _, _, low_rank, _ = _evaluators(leaky, flux, ivar, rank=8)
+    assert low_rank.tail is not None
+    err = _relative(low_rank(theta, rows)[2], exact(theta, rows)[2])
+    assert np.median(err) < 0.03 and err.max() < 0.2
+
+
+def test_priors_and_frozen_labels_follow_the_exact_evaluator(leaky, observations):
+    xs, v, flux, ivar = observations
+    names = leaky.label_names
+    lo, hi = leaky.label_space.x_min, leaky.label_space.x_max
+    config = dict(frozen={names[1]: float(0.5 * (lo[1] + hi[1]))},
+                  priors={names[0]: (float(lo[0] + 0.4 * (hi[0] - lo[0])), float(0.05 * (hi[0] - lo[0])))})
+    fm, _, hidden, exact = _evaluators(leaky, flux, ivar, **config)
+    rows = np.arange(xs.shape[0])
+    theta = np.column_stack([xs[:, fm.free], v])
+    o_h, _, h_h, g_h, _ = hidden(theta, rows)
+    o_e, _, h_e, g_e, _ = exact(theta, rows)
+    np.testing.assert_allclose(o_h, o_e, rtol=1e-4)
+    scale = np.max(np.abs(g_e), axis=1, keepdims=True)
+    np.testing.assert_allclose(g_h / scale, g_e / scale, atol=1e-3)
+    assert h_h.shape == h_e.shape == (xs.shape[0], fm.n_params, fm.n_params)
+    assert _relative(h_h, h_e).max() < 0.1
+
+
+def test_fits_with_the_hidden_curvature_end_as_low_with_the_exact_covariance(leaky, observations,
+                                                                             monkeypatch):
+    """The optimiser takes its steps with the hidden-layer evaluator, ends at a chi2 no higher than with
+    exact curvature (within 0.5 for >= 90 % of the stars), and reports the covariance of the exact
+    curvature where it ended."""
+    xs, v, flux, ivar = observations
+    calls = {"n": 0}
+    original = HiddenSpaceEvaluator.__call__
+
+    def counting(self, *args, **kwargs):
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(HiddenSpaceEvaluator, "__call__", counting)
+    cfg = FitConfig(lm_trial_min_params=1)
+    fm = build_forward_model(leaky, leaky.wavelength, cfg)
+    ev = EmulatorEvaluator(leaky, "float32", "numpy")
+    n = xs.shape[0]
+    start = np.column_stack([np.clip(xs + 0.05, -0.5, 0.5), v + 3.0])
+    lower = np.column_stack([np.full((n, fm.n_free_labels), -0.5), v - 25])
+    upper = np.column_stack([np.full((n, fm.n_free_labels), 0.5), v + 25])
+    res = batched_levenberg_marquardt(fm, ev, flux, ivar, start, lower, upper, cfg)
+    assert calls["n"] > 10
+    ref = batched_levenberg_marquardt(
+        fm, ev, flux, ivar, start, lower, upper, cfg.replace(lm_hidden_curvature=False)
+    )
+    assert not any(res.failure) and not any(ref.failure)
+    d = res.chi2 - ref.chi2
+    assert np.mean(d < 0.5) >= 0.9, d
+    h = _Evaluator(fm, ev, flux, ivar)(res.theta, np.arange(n))[2]
+    cov, ok = invert_curvature(h)
+    assert np.all(ok)
+    np.testing.assert_allclose(res.cov, cov, rtol=1e-8)
+    # and the labels are recovered: within 4 formal sigma of the truth
+    sig = np.sqrt(np.diagonal(res.cov, axis1=1, axis2=2))
+    assert np.all(np.abs(res.theta[:, :-1] - xs) / sig[:, :-1] < 4.0)
+
+
+def test_the_catalog_is_the_same_kind_as_with_exact_curvature(leaky, observations):
+    """Through fit(): no flagged rows either way, labels within 2 formal sigma of each other for >= 90 %
+    of the stars, and uncertainties the same for the median star."""
+    _, _, flux, ivar = observations
+    spectra = (leaky.wavelength, flux, ivar)
+    a = fit(leaky, spectra, FitConfig(lm_trial_min_params=1))
+    b = fit(leaky, spectra, FitConfig(lm_trial_min_params=1, lm_hidden_curvature=False))
+    assert not np.any(a["flag_bad"]) and not np.any(b["flag_bad"])
+    for name in leaky.label_names:
+        z = np.abs(np.asarray(a[name]) - np.asarray(b[name])) / np.asarray(b[f"raw_e_{name}"])
+        assert np.mean(z < 2) >= 0.9, name
+        # uncertainties: the exact curvature where each fit ended (one side of a kink or the other)
+        ratio = np.asarray(a[f"raw_e_{name}"]) / np.asarray(b[f"raw_e_{name}"])
+        assert abs(np.median(ratio) - 1) < 0.01, name
+
+
+def test_it_is_not_used_where_it_does_not_apply(leaky, observations):
+    _, _, flux, ivar = observations
+    ev = EmulatorEvaluator(leaky, "float32", "numpy")
+    fm = build_forward_model(leaky, leaky.wavelength, FitConfig())
+    assert HiddenSpaceEvaluator.for_fit(fm, ev, flux, ivar) is not None
+    for cfg in (FitConfig(continuum=ChebyshevContinuum(2)), FitConfig(resolution=20000.0)):
+        fm_cfg = build_forward_model(leaky, leaky.wavelength, cfg)
+        assert HiddenSpaceEvaluator.for_fit(fm_cfg, ev, flux, ivar) is None
+    sigmoid = EmulatorEvaluator(LineToy().emu, "float32", "numpy")
+    assert HiddenSpaceEvaluator.for_fit(fm, sigmoid, flux, ivar) is None
+    torch_ev = EmulatorEvaluator.__new__(EmulatorEvaluator)
+    torch_ev.backend, torch_ev.emulator = "torch", ev.emulator
+    assert HiddenSpaceEvaluator.for_fit(fm, torch_ev, flux, ivar) is None
+    # data on another grid than the model's: the shift is a general interpolation, no fast transpose
+    other = leaky.wavelength[5:-5]
+    fm_other = build_forward_model(leaky, other, FitConfig())
+    assert HiddenSpaceEvaluator.for_fit(fm_other, ev, flux[:, 5:-5], ivar[:, 5:-5]) is None
