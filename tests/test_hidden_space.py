@@ -186,13 +186,17 @@ def test_fits_with_the_hidden_curvature_end_as_low_with_the_exact_covariance(lea
     assert np.all(np.abs(res.theta[:, :-1] - xs) / sig[:, :-1] < 4.0)
 
 
-def test_the_catalog_is_the_same_kind_as_with_exact_curvature(leaky, observations):
-    """Through fit(): no flagged rows either way, labels within 2 formal sigma of each other for >= 90 %
-    of the stars, and uncertainties the same for the median star."""
+@pytest.mark.parametrize("continuum", [False, True])
+def test_the_catalog_is_the_same_kind_as_with_exact_curvature(leaky, observations, continuum):
+    """Through fit(), with and without a fitted continuum: no flagged rows either way, labels within 2
+    formal sigma of each other for >= 90 % of the stars, and uncertainties the same for the median star."""
     _, _, flux, ivar = observations
-    spectra = (leaky.wavelength, flux, ivar)
-    a = fit(leaky, spectra, FitConfig(lm_trial_min_params=1))
-    b = fit(leaky, spectra, FitConfig(lm_trial_min_params=1, lm_hidden_curvature=False))
+    wl = leaky.wavelength
+    tilt = 1.0 + 0.2 * (wl - wl.mean()) / np.ptp(wl) if continuum else np.ones_like(wl)
+    spectra = (wl, flux * tilt, ivar / tilt**2)
+    extra = {"continuum": ChebyshevContinuum(2)} if continuum else {}
+    a = fit(leaky, spectra, FitConfig(lm_trial_min_params=1, **extra))
+    b = fit(leaky, spectra, FitConfig(lm_trial_min_params=1, lm_hidden_curvature=False, **extra))
     assert not np.any(a["flag_bad"]) and not np.any(b["flag_bad"])
     for name in leaky.label_names:
         z = np.abs(np.asarray(a[name]) - np.asarray(b[name])) / np.asarray(b[f"raw_e_{name}"])
@@ -202,14 +206,40 @@ def test_the_catalog_is_the_same_kind_as_with_exact_curvature(leaky, observation
         assert abs(np.median(ratio) - 1) < 0.01, name
 
 
+def test_a_fitted_continuum_is_profiled_out_as_the_exact_evaluator_does(leaky, observations):
+    """With a Chebyshev continuum (solved for each trial's labels): chi2 and gradient equal the exact
+    evaluator's, and with all singular values kept the curvature is within 2 %, the continuum's Schur
+    complement included (without it: > 10 % off); the continuum comes back with the model."""
+    xs, v, flux, ivar = observations
+    wl = leaky.wavelength
+    tilt = 1.0 + 0.2 * (wl - wl.mean()) / np.ptp(wl)  # a sloped continuum on every star
+    fm, _, hidden, exact = _evaluators(leaky, flux * tilt, ivar / tilt**2, continuum=ChebyshevContinuum(2))
+    assert fm.continuum is not None
+    rows = np.arange(xs.shape[0])
+    theta = np.column_stack([xs + 0.05, v + 0.3])
+    o_h, c_h, h_h, g_h, ne_h = hidden(theta, rows)
+    o_e, c_e, h_e, g_e, ne_e = exact(theta, rows)
+    np.testing.assert_allclose(c_h, c_e, rtol=1e-4)
+    scale = np.max(np.abs(g_e), axis=1, keepdims=True)
+    np.testing.assert_allclose(g_h / scale, g_e / scale, atol=1e-3)
+    # (the coefficients' columns go back through the shift as S^T (w c f) times the Chebyshev terms:
+    # within 2 % at shifts of up to 67 of the toy's 800 pixels)
+    assert _relative(h_h, h_e).max() < 0.02
+    np.testing.assert_allclose(ne_h.continuum, ne_e.continuum, rtol=1e-4)
+    np.testing.assert_allclose(ne_h.model, ne_e.model, rtol=1e-4)
+    # without the Schur complement the curvature would be that of a continuum held fixed: visibly larger
+    fixed = _evaluators(leaky, flux * tilt, ivar / tilt**2, continuum=ChebyshevContinuum(2))[2]
+    fixed._profile_continuum = lambda *args: None
+    assert _relative(fixed(theta, rows)[2], h_e).max() > 0.1
+
+
 def test_it_is_not_used_where_it_does_not_apply(leaky, observations):
     _, _, flux, ivar = observations
     ev = EmulatorEvaluator(leaky, "float32", "numpy")
     fm = build_forward_model(leaky, leaky.wavelength, FitConfig())
     assert HiddenSpaceEvaluator.for_fit(fm, ev, flux, ivar) is not None
-    for cfg in (FitConfig(continuum=ChebyshevContinuum(2)), FitConfig(resolution=20000.0)):
-        fm_cfg = build_forward_model(leaky, leaky.wavelength, cfg)
-        assert HiddenSpaceEvaluator.for_fit(fm_cfg, ev, flux, ivar) is None
+    fm_lsf = build_forward_model(leaky, leaky.wavelength, FitConfig(resolution=20000.0))
+    assert HiddenSpaceEvaluator.for_fit(fm_lsf, ev, flux, ivar) is None
     sigmoid = EmulatorEvaluator(LineToy().emu, "float32", "numpy")
     assert HiddenSpaceEvaluator.for_fit(fm, sigmoid, flux, ivar) is None
     torch_ev = EmulatorEvaluator.__new__(EmulatorEvaluator)
@@ -219,3 +249,26 @@ def test_it_is_not_used_where_it_does_not_apply(leaky, observations):
     other = leaky.wavelength[5:-5]
     fm_other = build_forward_model(leaky, other, FitConfig())
     assert HiddenSpaceEvaluator.for_fit(fm_other, ev, flux[:, 5:-5], ivar[:, 5:-5]) is None
+
+
+def test_the_compiled_continuum_solve_equals_numpy():
+    """``_kernels.continuum_rows`` (the hidden-layer path's continuum) against ``solve_continuum``: the same
+    continuum, coefficients and normal matrices to rounding, for rows taken straight from the chunk,
+    on the three APOGEE chips with a degree-2 Chebyshev series, an empty region included."""
+    from paynekit.fitting.forward import CONTINUUM_RIDGE, solve_continuum
+    from paynekit.wavelength import apstar_wavelength
+
+    wl = apstar_wavelength()
+    design = ChebyshevContinuum(2).design(wl)
+    rng = np.random.default_rng(8)
+    data = rng.normal(1.0, 0.1, (6, wl.size))
+    weights = rng.uniform(0, 100, (6, wl.size)) * design.in_region
+    weights[2, design.slices[1]] = 0.0  # a star with nothing on the middle chip
+    rows = np.array([5, 2, 2, 0])
+    flux = rng.normal(0.9, 0.05, (rows.size, wl.size)).astype(np.float32)
+    ref = solve_continuum(design, flux, data[rows], weights[rows])
+    got = _kernels.continuum_rows(design, data, weights, rows, flux, CONTINUUM_RIDGE)
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(got[1], ref[1], rtol=1e-10, atol=1e-12)
+    for a, b in zip(got[2], ref[2]):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)

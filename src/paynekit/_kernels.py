@@ -84,6 +84,34 @@ def residual_rows(data, weights, rows, model, dv=None, want=False):
     return out[:, 0], (wr if want else None), (wdv if want and dv is not None else None), out[:, 1], out[:, 2]
 
 
+def continuum_rows(design, data, weights, rows, flux, ridge):
+    """:func:`paynekit.fitting.forward.solve_continuum` for model ``flux`` (m, P) against rows ``rows`` of
+    data and weights (N, P, float64), in one compiled pass per star without gathering them: (continuum
+    (m, P), coefficients (m, K), [G_r (m, D_r, D_r)]) with the same relative ``ridge``. Needs numba and
+    contiguous regions (``design.slices`` with step 1)."""
+    from ._numba_kernels import continuum_rows as kernel
+
+    starts = np.array([sl.start for sl in design.slices], dtype=np.int64)
+    stops = np.array([sl.stop for sl in design.slices], dtype=np.int64)
+    degrees = np.array([b.shape[1] for b in design.bases], dtype=np.int64)
+    d_max = int(degrees.max())
+    basis_t = np.zeros((d_max, int(sum(b.shape[0] for b in design.bases))))
+    offsets = np.zeros(len(design.bases), dtype=np.int64)
+    o = 0
+    for r, b in enumerate(design.bases):
+        basis_t[: b.shape[1], o : o + b.shape[0]] = b.T
+        offsets[r] = o
+        o += b.shape[0]
+    m, p = flux.shape
+    cont = np.zeros((m, p))
+    coef = np.zeros((m, int(degrees.sum())))
+    grams = np.zeros((m, starts.size, d_max, d_max))
+    rows = np.asarray(rows, dtype=np.int64)
+    kernel(data, weights, rows, np.ascontiguousarray(flux), starts, stops, basis_t, degrees, offsets,
+           float(ridge), cont, coef, grams)
+    return cont, coef, [grams[:, r, :nd, :nd] for r, nd in enumerate(degrees)]
+
+
 def interpolate_rows(data, weights, lam, segments, tolerance):
     """Linear interpolation of float64 data (n, P) and inverse-variance weights at wavelengths lam
     ((n, Q), or (1, Q) for all rows) on a grid of "log" or "linear" segments (``instrument._Segment``);

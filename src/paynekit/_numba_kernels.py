@@ -222,3 +222,86 @@ def residual_rows(data, weights, rows, model, dv, want, out_wr, out_wdv, out):  
         out[i, 0] = s
         out[i, 1] = s1
         out[i, 2] = s2
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def continuum_rows(  # pragma: no cover - compiled
+    data, weights, rows, flux, starts, stops, basis_t, degrees, offsets, ridge, cont, coef, grams
+):
+    # per star and region: G = sum w f^2 T T^T, rhs = sum w f d T, a = G^-1 rhs.
+    # basis_t (D_max, sum P_r): the regions' Chebyshev terms, region r from offsets[r]; the sums run over
+    # pixels innermost (vectorised; fastmath reorders them, so they agree with numpy to rounding)
+    m = flux.shape[0]
+    n_reg = starts.size
+    d_max = basis_t.shape[0]
+    g = np.empty((d_max, d_max))
+    rhs = np.empty(d_max)
+    wff = np.empty(basis_t.shape[1])
+    wfd = np.empty(basis_t.shape[1])
+    for i in range(m):
+        d = data[rows[i]]
+        w = weights[rows[i]]
+        f = flux[i]
+        k0 = 0
+        for r in range(n_reg):
+            nd = degrees[r]
+            a, b, o = starts[r], stops[r], offsets[r]
+            n = b - a
+            for p in range(n):
+                fp = np.float64(f[a + p])
+                wf = w[a + p] * fp
+                wff[p] = wf * fp
+                wfd[p] = wf * d[a + p]
+            tr = 0.0
+            for j in range(nd):
+                tj = basis_t[j, o : o + n]
+                acc = 0.0
+                for p in range(n):
+                    acc += wfd[p] * tj[p]
+                rhs[j] = acc
+                for k in range(j, nd):
+                    tk = basis_t[k, o : o + n]
+                    acc = 0.0
+                    for p in range(n):
+                        acc += wff[p] * tj[p] * tk[p]
+                    g[j, k] = acc
+                    g[k, j] = acc
+                    grams[i, r, j, k] = acc
+                    grams[i, r, k, j] = acc
+                tr += g[j, j]
+            scale = tr / nd * ridge if tr != 0 else 1.0
+            for j in range(nd):
+                g[j, j] += scale
+            # Gaussian elimination with partial pivoting on the small system (nd <= a few)
+            for c in range(nd):
+                piv = c
+                for rr in range(c + 1, nd):
+                    if abs(g[rr, c]) > abs(g[piv, c]):
+                        piv = rr
+                if piv != c:
+                    for k in range(nd):
+                        tmp = g[c, k]
+                        g[c, k] = g[piv, k]
+                        g[piv, k] = tmp
+                    tmp = rhs[c]
+                    rhs[c] = rhs[piv]
+                    rhs[piv] = tmp
+                for rr in range(c + 1, nd):
+                    fac = g[rr, c] / g[c, c]
+                    for k in range(c, nd):
+                        g[rr, k] -= fac * g[c, k]
+                    rhs[rr] -= fac * rhs[c]
+            for c in range(nd - 1, -1, -1):
+                s = rhs[c]
+                for k in range(c + 1, nd):
+                    s -= g[c, k] * coef[i, k0 + k]
+                coef[i, k0 + c] = s / g[c, c]
+            out = cont[i, a:b]
+            for p in range(n):
+                out[p] = 0.0
+            for j in range(nd):
+                cj = coef[i, k0 + j]
+                tj = basis_t[j, o : o + n]
+                for p in range(n):
+                    out[p] += cj * tj[p]
+            k0 += nd

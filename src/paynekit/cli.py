@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "0.1: ~15%% more spectra/s with 25 labels, labels within 0.2 sigma; docs/design.md)")
     p.add_argument("--exact-curvature", action="store_true",
                    help="take every optimiser step with the exact curvature instead of the hidden-layer one "
-                        "(FitConfig.lm_hidden_curvature=False: ~1.7x slower with 25 labels and no continuum, "
+                        "(FitConfig.lm_hidden_curvature=False: ~1.7x slower with 25 APOGEE labels, "
                         "the same chi2; docs/design.md)")
     p.add_argument("--workers", type=int, default=None, help="local worker processes (default: all cores)")
     p.add_argument("--scheduler", default=None, help="Dask scheduler address (tcp://host:port)")

@@ -108,8 +108,8 @@ class FitConfig:
         that changed side) the star crossed in its previous step and moves along them, which ends the
         zigzag across a kink at a minimum: on 512 mock APOGEE stars with 25 labels the errors against the
         truth shrank in 24 of 25 labels (Teff RMS 36.6 -> 32.9 K), at 20-30 % more time (docs/design.md);
-        ``lm_hidden_curvature`` (True): with such a network, numpy, the trial dampings on, no continuum,
-        no LSF and model and data on one log-uniform grid, the steps take chi2 and gradient exactly but
+        ``lm_hidden_curvature`` (True): with such a network, numpy, the trial dampings on, no LSF and
+        model and data on one log-uniform grid, the steps take chi2 and gradient exactly but
         the curvature from a per-star Gram matrix in the network's last hidden layer
         (:mod:`paynekit.fitting.hidden_space`), and the exact curvature only at the end, for the
         covariance: minima as low in chi2 at 1.75x the speed for 25 APOGEE labels, labels as accurate

@@ -11,6 +11,12 @@ shift. Its Jacobian with respect to the labels is ``S_v W M`` with ``M = D_2 W_1
   rank-:data:`HIDDEN_RANK` singular-value part of W (``W ~ U_k S_k V_k^T``, shifted: ``(S_v U_k)^T
   diag(w) (S_v U_k)``), the rest of W weighted by the star's mean weight and not shifted.
 
+With a fitted continuum c (solved exactly for each trial's labels, as the exact path does) the model is
+``c * S_v (W h + b)``: the gradient goes back through c first, the Gram matrix weights the pixels by
+``w c^2`` (c of the first evaluation), and the continuum's share of the curvature (the Schur complement
+of its coefficients, the variable projection of :func:`~paynekit.fitting.forward.normal_equations`) is
+subtracted with the same kept singular vectors.
+
 That is a Levenberg-Marquardt method with exact chi2 and gradient and an approximate Gauss-Newton
 curvature: it accepts only steps that lower the true chi2 and stops where the true gradient vanishes,
 as the exact one does, at ~3x less arithmetic per step for 25 labels x 8575 pixels (no (L x P)
@@ -18,7 +24,7 @@ Jacobian to update, shift and multiply). The optimiser evaluates the exact curva
 for the formal covariance (:func:`paynekit.fitting.optimizers.batched_levenberg_marquardt`).
 
 Used when the network, the data and the fit allow it (:meth:`HiddenSpaceEvaluator.for_fit`): numpy, a
-two-hidden-layer leaky-ReLU PayneMLP, no continuum, no LSF, model and data on one log-uniform grid
+two-hidden-layer leaky-ReLU PayneMLP, no LSF, model and data on one log-uniform grid
 (the Doppler shift is then a per-star shift with cubic weights, whose transpose is a compiled kernel).
 """
 
@@ -29,9 +35,9 @@ import time
 
 import numpy as np
 
-from .._kernels import doppler_rows_transpose, numba_enabled, residual_rows
+from .._kernels import continuum_rows, doppler_rows_transpose, numba_enabled, residual_rows
 from ..instrument import SPEED_OF_LIGHT_KMS
-from .forward import NormalEquations
+from .forward import CONTINUUM_RIDGE, NormalEquations, _ridge, _solve
 
 #: Singular values of the output weights kept exactly in the per-star curvature Gram matrix; the rest
 #: gets the star's mean weight. 100 of 300 on the 25-label APOGEE network (the 100th is 4 % of the
@@ -93,7 +99,6 @@ class HiddenSpaceEvaluator:
         return (
             getattr(emulator_eval, "backend", None) == "numpy"
             and JacobianCache.supports(getattr(emulator_eval, "emulator", None))
-            and fm.continuum is None
             and fm.lsf is None
             and fm.resampler.fast
             and numba_enabled()
@@ -109,18 +114,20 @@ class HiddenSpaceEvaluator:
     def _transpose_shift(self, values, v):
         return doppler_rows_transpose(values, v, *self._shift)
 
-    def _ensure_gram(self, rows, v):
+    def _ensure_gram(self, rows, v, cont=None):
         need = ~self.has_gram[rows]
         if not np.any(need):
             return
         t0 = time.perf_counter()
         rr, first = np.unique(rows[need], return_index=True)
+        pos = np.flatnonzero(need)[first]  # where each of those stars is in this call
         basis = self.u_k.T[None]  # (1, k, P): the kept left singular vectors as channels
-        for i, vi in zip(rr, v[need][first]):
-            shifted = self.fm.resampler.apply(basis, np.array([vi]))[0]
-            a = shifted * np.sqrt(self.weights[i]).astype(np.float32)
+        for i, j in zip(rr, pos):
+            wi = self.weights[i] if cont is None else self.weights[i] * cont[j].astype(np.float64) ** 2
+            shifted = self.fm.resampler.apply(basis, v[j : j + 1])[0]
+            a = shifted * np.sqrt(wi).astype(np.float32)
             self.gram[i] = a @ a.T
-            self.mean_weight[i] = float(np.mean(self.weights[i]))
+            self.mean_weight[i] = float(np.mean(wi))
         self.has_gram[rr] = True
         self.gram_seconds += time.perf_counter() - t0
 
@@ -136,15 +143,26 @@ class HiddenSpaceEvaluator:
         v = fm.velocities(theta)
         want_dv = jacobian and fm.fit_rv
         vals = fm.resampler.apply(flux[:, None, :], v, derivative=want_dv)
-        model = vals[:, 0]
-        chi2, wr, wdv, g_v, h_vv = residual_rows(
-            self.data, self.weights, rows, model, vals[:, 1] if want_dv else None, want=jacobian
-        )
+        shifted = vals[:, 0]
+        dv = vals[:, 1] if want_dv else None
+        cont = coef = grams = None
+        if fm.continuum is not None:  # the continuum's coefficients solved exactly for these labels
+            cont, coef, grams = continuum_rows(fm.continuum, self.data, self.weights, rows, shifted,
+                                               CONTINUUM_RIDGE)
+            cont = cont.astype(np.float32)
+            model = shifted * cont
+            dv = dv * cont if want_dv else None
+        else:
+            model = shifted
+        chi2, wr, wdv, g_v, h_vv = residual_rows(self.data, self.weights, rows, model, dv, want=jacobian)
         pc, ph, pg = fm.prior_terms(theta)
         obj = chi2 + pc
         if not jacobian:
             finite = np.where(np.isfinite(obj), obj, np.inf)
-            return finite, chi2, None, None, _equations(chi2, None, None, model)
+            return finite, chi2, None, None, _equations(chi2, None, None, model, cont, coef)
+        if cont is not None:  # the labels move the model through the continuum-scaled flux
+            wr = wr * cont
+            wdv = wdv * cont if want_dv else None
         m, n_lab = x.shape
         free = fm.free
         nl = free.size
@@ -156,7 +174,7 @@ class HiddenSpaceEvaluator:
         mt = (t1.reshape(m * n_lab, -1) @ self.w1.T).reshape(m, n_lab, -1) * d2[:, None, :]
         if nl != n_lab:
             mt = np.ascontiguousarray(mt[:, free])
-        self._ensure_gram(rows, v)
+        self._ensure_gram(rows, v, cont)
         f = fm.n_params
         h = np.zeros((m, f, f))
         g = np.zeros((m, f))
@@ -174,15 +192,40 @@ class HiddenSpaceEvaluator:
             hv = np.einsum("mlh,mh->ml", mt, q)
             h[:, :nl, -1] = hv
             h[:, -1, :nl] = hv
+        if cont is not None:
+            self._profile_continuum(h, mt, shifted, cont, dv, rows, v, grams)
         curvature = h.copy()
         h[:, np.arange(f), np.arange(f)] += ph
         g += pg
         ok = np.isfinite(obj) & np.all(np.isfinite(h.reshape(m, -1)), axis=1) & np.all(np.isfinite(g), axis=1)
-        return np.where(ok, obj, np.inf), chi2, h, g, _equations(chi2, curvature, g - pg, model)
+        return np.where(ok, obj, np.inf), chi2, h, g, _equations(chi2, curvature, g - pg, model, cont, coef)
+
+    def _profile_continuum(self, h, mt, shifted, cont, dv, rows, v, grams):
+        """Subtract the continuum's share of the curvature (the Schur complement of the coefficients, as
+        :func:`~paynekit.fitting.forward.normal_equations` does), with the kept singular vectors of W.
+
+        The coefficients' columns are ``w c f T_d`` on each region; back through the Doppler shift they are
+        taken as ``S^T (w c f)`` times T_d at the same pixel (the smooth Chebyshev terms barely change over
+        a shift of a few tens of pixels), so that one transposed shift per star serves every column."""
+        design = self.fm.continuum
+        m, nl, _ = mt.shape
+        w = self.weights[rows]
+        back = self._transpose_shift((w * cont * shifted).astype(np.float32), v)
+        for sl, basis, gram in zip(design.slices, design.bases, grams):
+            t = np.asarray(basis, dtype=np.float32)  # (P_r, D)
+            d = t.shape[1]
+            cols = back[:, None, sl] * t.T[None]  # (m, D, P_r): W^T-side columns of the region
+            ch = ((cols.reshape(m * d, -1) @ self.u_k[sl]) @ self.sv).reshape(m, d, -1)  # (m, D, H)
+            cross = np.zeros((m, h.shape[1], d))
+            cross[:, :nl] = np.einsum("mlh,mdh->mld", mt, ch)
+            if dv is not None:  # d model / d v against the coefficients' columns, exact
+                wa = (w[:, sl] * shifted[:, sl])[:, None, :] * t.T[None]
+                cross[:, -1] = np.einsum("mdp,mp->md", wa, dv[:, sl])
+            h -= cross @ _solve(gram + _ridge(gram), cross.transpose(0, 2, 1))
 
 
-def _equations(chi2, h, g, model):
-    return NormalEquations(chi2, h, g, model, None, None)
+def _equations(chi2, h, g, model, cont=None, coef=None):
+    return NormalEquations(chi2, h, g, model, cont, coef)
 
 
 def _leaky_slope():

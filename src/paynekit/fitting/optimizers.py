@@ -19,8 +19,8 @@
   (``incremental_jacobian``, :class:`paynekit.emulators.payne.JacobianCache`; exact up to rounding).
   With such a network and the trial dampings on, one more trial lands on the kinks the star crossed in its
   last step (``lm_kink_steps``, :class:`_KinkPlanes`), which ends the zigzag across a kink at a minimum.
-  Where the network, the data and the fit allow it (``lm_hidden_curvature``,
-  :class:`~paynekit.fitting.hidden_space.HiddenSpaceEvaluator`: no continuum, no LSF, one log-uniform grid),
+  Where the network, the data and the fit allow it (``lm_hidden_curvature``, no LSF, one log-uniform
+  grid; :class:`~paynekit.fitting.hidden_space.HiddenSpaceEvaluator`),
   the steps take chi2 and gradient exactly but the curvature from a Gram matrix in the network's last hidden
   layer, without forming the pixels' Jacobian; the exact curvature is evaluated once where the fits ended.
   A star still descending after ``max_iterations`` is a failure if its decrement exceeds
@@ -386,6 +386,8 @@ def batched_levenberg_marquardt(
         if fin.size:
             obj[fin], chi2[fin], h[fin], g[fin], ne_ = exact(theta[fin], fin)
             model[fin] = to_numpy(ne_.model)
+            if cont is not None:
+                cont[fin] = to_numpy(ne_.continuum)
     # stars still descending when the iterations ran out: a failure if they are far from the minimum
     for i in np.flatnonzero(active & np.isfinite(obj)):
         d = decrement(h[i : i + 1], g[i : i + 1], theta[i : i + 1], lower[i : i + 1], upper[i : i + 1])[0]
