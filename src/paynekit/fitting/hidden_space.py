@@ -84,6 +84,7 @@ class HiddenSpaceEvaluator:
         self.n = self.data.shape[0]
         k = int(min(rank, self.w2.shape[0], self.w2.shape[1]))
         self.u_k, self.sv, self.tail = _basis(self.w2, k)
+        self._u_k_channels = np.ascontiguousarray(self.u_k.T)[None]  # (1, k, P) for the Doppler shift
         self.gram = np.zeros((self.n, k, k), dtype=np.float32)
         self.mean_weight = np.zeros(self.n)
         self.has_gram = np.zeros(self.n, dtype=bool)
@@ -121,10 +122,9 @@ class HiddenSpaceEvaluator:
         t0 = time.perf_counter()
         rr, first = np.unique(rows[need], return_index=True)
         pos = np.flatnonzero(need)[first]  # where each of those stars is in this call
-        basis = self.u_k.T[None]  # (1, k, P): the kept left singular vectors as channels
         for i, j in zip(rr, pos):
             wi = self.weights[i] if cont is None else self.weights[i] * cont[j].astype(np.float64) ** 2
-            shifted = self.fm.resampler.apply(basis, v[j : j + 1])[0]
+            shifted = self.fm.resampler.apply(self._u_k_channels, v[j : j + 1])[0]
             a = shifted * np.sqrt(wi).astype(np.float32)
             self.gram[i] = a @ a.T
             self.mean_weight[i] = float(np.mean(wi))
