@@ -272,3 +272,26 @@ def test_the_compiled_continuum_solve_equals_numpy():
     np.testing.assert_allclose(got[1], ref[1], rtol=1e-10, atol=1e-12)
     for a, b in zip(got[2], ref[2]):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_the_jacobian_evaluation_reuses_the_trials_flux(leaky, observations):
+    """After a chi2-only evaluation of trial points, an evaluation with the Jacobian at some of them (and at
+    points that were not trials) takes those rows' flux from the trials and gives what a fresh evaluator
+    gives (float32 rounding)."""
+    xs, v, flux, ivar = observations
+    _, _, hidden, _ = _evaluators(leaky, flux, ivar)
+    _, _, fresh, _ = _evaluators(leaky, flux, ivar)
+    n = xs.shape[0]
+    rows = np.arange(n)
+    trials = np.concatenate([np.column_stack([xs + dx, v]) for dx in (0.02, 0.04)])
+    chi2_trials = hidden(trials, np.tile(rows, 2), jacobian=False)[1]
+    taken = trials[n:].copy()
+    taken[::3] = np.column_stack([xs[::3] - 0.03, v[::3]])  # every third star at a point that was no trial
+    got = hidden(taken, rows)
+    ref = fresh(taken, rows)
+    assert hidden._trials is None  # used once
+    np.testing.assert_allclose(got[1], ref[1], rtol=1e-5)
+    np.testing.assert_allclose(got[1][1::3], chi2_trials[n + 1 :: 3], rtol=1e-12)  # the trials' own values
+    scale = np.max(np.abs(ref[3]), axis=1, keepdims=True)
+    np.testing.assert_allclose(got[3] / scale, ref[3] / scale, atol=1e-4)
+    np.testing.assert_allclose(got[2], ref[2], rtol=1e-4)

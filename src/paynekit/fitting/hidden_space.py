@@ -91,6 +91,7 @@ class HiddenSpaceEvaluator:
         rs = fm.resampler
         self._shift = (rs.log_step, SPEED_OF_LIGHT_KMS, rs._seg_starts, rs._seg_stops)
         self.gram_seconds = 0.0
+        self._trials = None  # (flux, {(row, theta bytes): index}) of the last chi2-only evaluation
 
     @staticmethod
     def supports(fm, emulator_eval) -> bool:
@@ -131,6 +132,26 @@ class HiddenSpaceEvaluator:
         self.has_gram[rr] = True
         self.gram_seconds += time.perf_counter() - t0
 
+    def _output_layer(self, a2, theta, rows, jacobian):
+        """Flux on the model grid, ``a2 @ W^T + b``. The optimiser evaluates the Jacobian only at the trial
+        it takes, whose flux the trial evaluation has just computed: those rows are reused, not redone."""
+        m = a2.shape[0]
+        if not jacobian:
+            flux = a2 @ self.w2_t + self.b2
+            self._trials = (flux, {(int(r), t.tobytes()): i for i, (r, t) in enumerate(zip(rows, theta))})
+            return flux
+        flux = np.empty((m, self.w2.shape[0]), dtype=np.float32)
+        found = np.full(m, -1)
+        if self._trials is not None:
+            index = self._trials[1]
+            found = np.array([index.get((int(r), t.tobytes()), -1) for r, t in zip(rows, theta)])
+            flux[found >= 0] = self._trials[0][found[found >= 0]]
+        todo = found < 0
+        if np.any(todo):
+            flux[todo] = a2[todo] @ self.w2_t + self.b2
+        self._trials = None
+        return flux
+
     def __call__(self, theta, rows, jacobian=True):
         fm = self.fm
         rows = np.asarray(rows, dtype=np.int64)
@@ -139,7 +160,7 @@ class HiddenSpaceEvaluator:
         d1 = np.where(z1 > 0, np.float32(1), self.slope)
         z2 = (z1 * d1) @ self.w1.T + self.b1
         d2 = np.where(z2 > 0, np.float32(1), self.slope)
-        flux = (z2 * d2) @ self.w2_t + self.b2
+        flux = self._output_layer(z2 * d2, theta, rows, jacobian)
         v = fm.velocities(theta)
         want_dv = jacobian and fm.fit_rv
         vals = fm.resampler.apply(flux[:, None, :], v, derivative=want_dv)
