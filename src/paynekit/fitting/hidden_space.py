@@ -31,11 +31,11 @@ two-hidden-layer leaky-ReLU PayneMLP, no LSF, model and data on one log-uniform 
 from __future__ import annotations
 
 import hashlib
-import time
 
 import numpy as np
 
 from .._kernels import continuum_rows, doppler_rows_transpose, numba_enabled, residual_rows
+from ..emulators.payne import activate
 from ..instrument import SPEED_OF_LIGHT_KMS
 from .forward import CONTINUUM_RIDGE, NormalEquations, _ridge, _solve
 
@@ -78,7 +78,6 @@ class HiddenSpaceEvaluator:
         self.w0, self.w1, self.w2 = w
         self.b0, self.b1, self.b2 = b
         self.w2_t = np.ascontiguousarray(self.w2.T)
-        self.slope = np.float32(_leaky_slope())
         self.data = np.ascontiguousarray(data, dtype=np.float64)
         self.weights = np.ascontiguousarray(weights, dtype=np.float64)
         self.n = self.data.shape[0]
@@ -90,7 +89,6 @@ class HiddenSpaceEvaluator:
         self.has_gram = np.zeros(self.n, dtype=bool)
         rs = fm.resampler
         self._shift = (rs.log_step, SPEED_OF_LIGHT_KMS, rs._seg_starts, rs._seg_stops)
-        self.gram_seconds = 0.0
         self._trials = None  # (flux, {(row, theta bytes): index}) of the last chi2-only evaluation
 
     @staticmethod
@@ -120,7 +118,6 @@ class HiddenSpaceEvaluator:
         need = ~self.has_gram[rows]
         if not np.any(need):
             return
-        t0 = time.perf_counter()
         rr, first = np.unique(rows[need], return_index=True)
         pos = np.flatnonzero(need)[first]  # where each of those stars is in this call
         for i, j in zip(rr, pos):
@@ -130,7 +127,6 @@ class HiddenSpaceEvaluator:
             self.gram[i] = a @ a.T
             self.mean_weight[i] = float(np.mean(wi))
         self.has_gram[rr] = True
-        self.gram_seconds += time.perf_counter() - t0
 
     def _output_layer(self, a2, theta, rows, jacobian):
         """Flux on the model grid, ``a2 @ W^T + b``. The optimiser evaluates the Jacobian only at the trial
@@ -156,11 +152,9 @@ class HiddenSpaceEvaluator:
         fm = self.fm
         rows = np.asarray(rows, dtype=np.int64)
         x = fm.full_scaled(theta).astype(np.float32)
-        z1 = x @ self.w0.T + self.b0
-        d1 = np.where(z1 > 0, np.float32(1), self.slope)
-        z2 = (z1 * d1) @ self.w1.T + self.b1
-        d2 = np.where(z2 > 0, np.float32(1), self.slope)
-        flux = self._output_layer(z2 * d2, theta, rows, jacobian)
+        a1, d1 = activate(x @ self.w0.T + self.b0, "leaky_relu", derivative=True)
+        a2, d2 = activate(a1 @ self.w1.T + self.b1, "leaky_relu", derivative=True)
+        flux = self._output_layer(a2, theta, rows, jacobian)
         v = fm.velocities(theta)
         want_dv = jacobian and fm.fit_rv
         vals = fm.resampler.apply(flux[:, None, :], v, derivative=want_dv)
@@ -180,7 +174,7 @@ class HiddenSpaceEvaluator:
         obj = chi2 + pc
         if not jacobian:
             finite = np.where(np.isfinite(obj), obj, np.inf)
-            return finite, chi2, None, None, _equations(chi2, None, None, model, cont, coef)
+            return finite, chi2, None, None, NormalEquations(chi2, None, None, model, cont, coef)
         if cont is not None:  # the labels move the model through the continuum-scaled flux
             wr = wr * cont
             wdv = wdv * cont if want_dv else None
@@ -219,7 +213,8 @@ class HiddenSpaceEvaluator:
         h[:, np.arange(f), np.arange(f)] += ph
         g += pg
         ok = np.isfinite(obj) & np.all(np.isfinite(h.reshape(m, -1)), axis=1) & np.all(np.isfinite(g), axis=1)
-        return np.where(ok, obj, np.inf), chi2, h, g, _equations(chi2, curvature, g - pg, model, cont, coef)
+        equations = NormalEquations(chi2, curvature, g - pg, model, cont, coef)
+        return np.where(ok, obj, np.inf), chi2, h, g, equations
 
     def _profile_continuum(self, h, mt, shifted, cont, dv, rows, v, grams):
         """Subtract the continuum's share of the curvature (the Schur complement of the coefficients, as
@@ -243,13 +238,3 @@ class HiddenSpaceEvaluator:
                 wa = (w[:, sl] * shifted[:, sl])[:, None, :] * t.T[None]
                 cross[:, -1] = np.einsum("mdp,mp->md", wa, dv[:, sl])
             h -= cross @ _solve(gram + _ridge(gram), cross.transpose(0, 2, 1))
-
-
-def _equations(chi2, h, g, model, cont=None, coef=None):
-    return NormalEquations(chi2, h, g, model, cont, coef)
-
-
-def _leaky_slope():
-    from ..emulators.payne import LEAKY_SLOPE
-
-    return LEAKY_SLOPE
