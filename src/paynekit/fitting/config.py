@@ -114,7 +114,11 @@ class FitConfig:
         (:mod:`paynekit.fitting.hidden_space`), and the exact curvature only at the end, for the
         covariance: minima as low in chi2 at 1.75x the speed for 25 APOGEE labels, labels as accurate
         for the median label (Teff RMS +6 %), often at another of the network's near-equal minima
-        (docs/design.md);
+        (docs/design.md); ``lm_predicted_trials`` (True): on that path, choose among the trial dampings
+        and the kink step by the chi2 predicted in the last hidden layer
+        (:meth:`~paynekit.fitting.hidden_space.HiddenSpaceEvaluator.predict`, exact through the kinks)
+        and compute the model flux of the chosen trial only, taking the next one by prediction when
+        it does not lower the true chi2: 1.3x faster, labels as accurate (docs/design.md);
         ``scipy_tolerance`` (ftol = xtol = gtol of curve_fit), ``scipy_max_nfev``.
     Data
         ``pixel_mask_file``: pixels to leave out of every fit, on the data's grid: a text file of
@@ -166,6 +170,7 @@ class FitConfig:
     incremental_jacobian: bool = True
     lm_kink_steps: bool = True
     lm_hidden_curvature: bool = True
+    lm_predicted_trials: bool = True
     scipy_tolerance: float = 1e-8
     scipy_max_nfev: int = 500
     noise_model: object | None = None

@@ -23,6 +23,10 @@
   grid; :class:`~paynekit.fitting.hidden_space.HiddenSpaceEvaluator`),
   the steps take chi2 and gradient exactly but the curvature from a Gram matrix in the network's last hidden
   layer, without forming the pixels' Jacobian; the exact curvature is evaluated once where the fits ended.
+  There (``lm_predicted_trials``) the trials are ranked by the chi2 the evaluator predicts from the last
+  hidden layer alone (exact through the network's kinks, approximate only in the Gram matrix), and only
+  the best of them gets its model flux and true chi2, the next one by prediction where that one does not
+  lower chi2 (:func:`_check_predicted`): every accepted step still lowers the true chi2.
   A star still descending after ``max_iterations`` is a failure if its decrement exceeds
   :data:`NONCONVERGED_DECREMENT`. Works with numpy or torch (CPU/CUDA) arrays; the per-star linear algebra is float64.
 * :func:`scipy_reference`: one spectrum at a time with ``scipy.optimize.curve_fit(method="trf")``, the
@@ -241,6 +245,32 @@ class _KinkPlanes:
         return out, has
 
 
+def _check_predicted(evaluate, theta, rows, steps, predicted, current):
+    """Pick each star's trial step by predicted objective and confirm it with the true one.
+
+    ``steps`` (T, m, F) and their predicted objectives (T, m); the trials are tried in order of prediction
+    while the prediction still promises a gain, the true objective of one per star at a time (chi2 only;
+    the evaluator keeps the flux for the Jacobian evaluation). Returns the index of the first trial that
+    truly does not raise the objective, and whether there was one."""
+    n_trials, m = predicted.shape
+    order = np.argsort(predicted, axis=0, kind="stable")
+    pick = order[0].copy()
+    go = np.zeros(m, dtype=bool)
+    pending = np.arange(m)
+    for r in range(n_trials):
+        cand = order[r, pending]
+        hopeful = predicted[cand, pending] <= current[pending]
+        pending, cand = pending[hopeful], cand[hopeful]
+        if pending.size == 0:
+            break
+        true_obj = evaluate(theta[pending] + steps[cand, pending], rows[pending], jacobian=False)[0]
+        ok = true_obj <= current[pending]
+        pick[pending[ok]] = cand[ok]
+        go[pending[ok]] = True
+        pending = pending[~ok]
+    return pick, go
+
+
 def _torch_index(rows, like):
     import torch
 
@@ -271,6 +301,12 @@ def batched_levenberg_marquardt(
         hidden = HiddenSpaceEvaluator.for_fit(fm, emulator_eval, data, weights)
     exact = _Evaluator(fm, emulator_eval, data, weights, config.incremental_jacobian and hidden is None)
     evaluate = exact if hidden is None else hidden
+    predicted_trials = hidden is not None and config.lm_predicted_trials
+    if predicted_trials:
+        trial_objective = hidden.predict  # choose among the trials by prediction, then check the choice
+    else:
+        def trial_objective(trial, rows):
+            return evaluate(trial, rows, jacobian=False)[0]
     theta = np.clip(np.asarray(theta0, dtype=np.float64), lower, upper)
     rows_all = np.arange(n)
     obj, chi2, h, g, ne = evaluate(theta, rows_all)
@@ -311,7 +347,7 @@ def batched_levenberg_marquardt(
         if cheap_trials:
             # the objective (flux only) at every trial damping, then the Jacobian at the best one only
             all_trials = np.concatenate([th + st for st in steps])
-            t_obj_all = evaluate(all_trials, np.tile(idx, factors.size), jacobian=False)[0]
+            t_obj_all = trial_objective(all_trials, np.tile(idx, factors.size))
             t_obj_all = t_obj_all.reshape(factors.size, m)
             chosen_all = factors
             if kinks is not None:
@@ -319,17 +355,22 @@ def batched_levenberg_marquardt(
                 k_step, k_has = kinks.steps(th, previous[idx], has_previous[idx], h1, gf, free, lo, hi)
                 k_obj = np.full(m, np.inf)
                 if np.any(k_has):
-                    k_obj[k_has] = evaluate(th[k_has] + k_step[k_has], idx[k_has], jacobian=False)[0]
+                    k_obj[k_has] = trial_objective(th[k_has] + k_step[k_has], idx[k_has])
                 # a kink step must gain: one that does not would end the fit where the crawl could go on
                 k_obj = np.where(obj[idx] - k_obj >= config.chi2_tolerance, k_obj, np.inf)
                 steps.append(k_step)
                 t_obj_all = np.concatenate([t_obj_all, k_obj[None]])
                 chosen_all = np.append(factors, 1.0)
-            pick = np.argmin(np.where(np.isfinite(t_obj_all), t_obj_all, np.inf), axis=0)
-            step = np.stack(steps)[pick, np.arange(m)]
+            t_obj_all = np.where(np.isfinite(t_obj_all), t_obj_all, np.inf)
+            steps = np.stack(steps)
+            if predicted_trials:
+                pick, go = _check_predicted(evaluate, th, idx, steps, t_obj_all, obj[idx])
+            else:
+                pick = np.argmin(t_obj_all, axis=0)
+                best_obj = t_obj_all[pick, np.arange(m)]
+                go = np.isfinite(best_obj) & (best_obj <= obj[idx])
+            step = steps[pick, np.arange(m)]
             chosen = chosen_all[pick]
-            best_obj = t_obj_all[pick, np.arange(m)]
-            go = np.isfinite(best_obj) & (best_obj <= obj[idx])
         else:
             step = steps[0]
             chosen = np.ones(m)
@@ -342,8 +383,8 @@ def batched_levenberg_marquardt(
         t_h = np.zeros((m, f, f))
         t_g = np.zeros((m, f))
         t_model = None
-        if np.any(go):
-            sub = np.flatnonzero(go)
+        sub = np.flatnonzero(go)
+        if sub.size:
             o_, c_, h_, g_, ne_ = evaluate(trial[sub], idx[sub])
             t_obj[sub], t_chi2[sub], t_h[sub], t_g[sub] = o_, c_, h_, g_
             t_model = (sub, ne_)
