@@ -394,7 +394,7 @@ def test_kink_steps_are_taken_and_fit_as_well(toy, mock, monkeypatch):
 
     monkeypatch.setattr(_KinkPlanes, "steps", counting)
     spectra = (leaky.wavelength, flux, ivar)
-    with_kinks = fit(leaky, spectra, FitConfig(lm_trial_min_params=1))
+    with_kinks = fit(leaky, spectra, FitConfig(lm_trial_min_params=1, lm_kink_steps=True))
     assert offered["n"] >= 10
     plain = fit(leaky, spectra, FitConfig(lm_trial_min_params=1, lm_kink_steps=False))
     assert not np.any(with_kinks["flag_bad"]) and not np.any(plain["flag_bad"])
@@ -659,6 +659,12 @@ def test_config_validation():
         FitConfig(parabola_uncertainty=True)
     with pytest.raises(InputError, match="frozen and given a prior"):
         FitConfig(frozen={"teff": 5000.0}, priors={"teff": (5000.0, 10.0)})
+    for bad in ((1.5,), (0.0,), ("half",), (True,)):
+        with pytest.raises(InputError, match="lm_backtracking"):
+            FitConfig(lm_backtracking=bad)
+    assert FitConfig(lm_backtracking=()).lm_backtracking == ()
+    with pytest.raises(InputError, match="lm_kink_steps"):
+        FitConfig(lm_kink_steps="yes")
     cfg = FitConfig(rv_range=100.0)
     assert cfg.replace(seed=3).rv_range == 100.0 and cfg.replace(seed=3).seed == 3
     with pytest.raises(InputError, match="teff"):

@@ -422,3 +422,39 @@ def test_predicted_trials_cut_the_flux_evaluations_and_end_as_low(leaky, observa
     assert results[True, "rows"] < 0.5 * results[False, "rows"], results
     assert np.mean(a.chi2 - b.chi2 < 0.5) >= 0.9
     assert np.mean(b.chi2 - a.chi2 < 0.5) >= 0.9
+
+
+def test_backtracking_steps_are_taken_and_replace_the_kink_steps(leaky, observations, monkeypatch):
+    """With predicted trials the best trial's step is also tried at 1/2, 1/4, 1/8 of its length, those are
+    taken, the kink steps are left out (lm_kink_steps=None) but kept where the trials are evaluated in
+    full, and the fits end as low as without backtracking (within 0.5 for >= 90 % of the stars)."""
+    from paynekit.fitting import optimizers
+
+    xs, v, flux, ivar = observations
+    picks, kinks = [], {"n": 0}
+    check, steps = optimizers._check_predicted, optimizers._KinkPlanes.steps
+
+    def recording(evaluate, theta, rows, trial_steps, predicted, current):
+        pick, go = check(evaluate, theta, rows, trial_steps, predicted, current)
+        picks.append((pick[go], predicted.shape[0]))
+        return pick, go
+
+    def counting(self, *args):
+        kinks["n"] += 1
+        return steps(self, *args)
+
+    monkeypatch.setattr(optimizers, "_check_predicted", recording)
+    monkeypatch.setattr(optimizers._KinkPlanes, "steps", counting)
+    fm, ev, cfg, start, lower, upper = _optimiser_setup(leaky, xs, v, 0.1)
+    assert cfg.lm_kink_steps is None and len(cfg.lm_backtracking) == 3
+    res = batched_levenberg_marquardt(fm, ev, flux, ivar, start, lower, upper, cfg)
+    assert kinks["n"] == 0
+    n_dampings = len(cfg.lm_trial_dampings)
+    assert all(n_trials == n_dampings + 3 for _, n_trials in picks)
+    taken = np.concatenate([p for p, _ in picks])
+    assert np.sum(taken >= n_dampings) >= 5  # shortened steps were the ones taken
+    plain = batched_levenberg_marquardt(fm, ev, flux, ivar, start, lower, upper,
+                                        cfg.replace(lm_backtracking=()))
+    assert kinks["n"] > 0  # without backtracking the kink steps are back
+    assert not any(res.failure) and not any(plain.failure)
+    assert np.mean(res.chi2 - plain.chi2 < 0.5) >= 0.9

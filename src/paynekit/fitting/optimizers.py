@@ -26,7 +26,9 @@
   There (``lm_predicted_trials``) the trials are ranked by the chi2 the evaluator predicts from the last
   hidden layer alone (exact through the network's kinks, approximate only in the Gram matrix), and only
   the best of them gets its model flux and true chi2, the next one by prediction where that one does not
-  lower chi2 (:func:`_check_predicted`): every accepted step still lowers the true chi2.
+  lower chi2 (:func:`_check_predicted`): every accepted step still lowers the true chi2. Predicted trials
+  being cheap, the best one's step is also tried shortened (``lm_backtracking``), which replaces the
+  kink steps there (``lm_kink_steps=None``).
   A star still descending after ``max_iterations`` is a failure if its decrement exceeds
   :data:`NONCONVERGED_DECREMENT`. Works with numpy or torch (CPU/CUDA) arrays; the per-star linear algebra is float64.
 * :func:`scipy_reference`: one spectrum at a time with ``scipy.optimize.curve_fit(method="trf")``, the
@@ -319,7 +321,9 @@ def batched_levenberg_marquardt(
     n_iter = np.ones(n, dtype=np.int64)
     converged = np.zeros(n, dtype=bool)
     rejections = np.zeros(n, dtype=np.int64)
-    kinks = _KinkPlanes.for_evaluator(emulator_eval, fm) if cheap_trials and config.lm_kink_steps else None
+    backtracking = np.asarray(config.lm_backtracking if predicted_trials else (), dtype=np.float64)
+    kink_steps = config.lm_kink_steps if config.lm_kink_steps is not None else backtracking.size == 0
+    kinks = _KinkPlanes.for_evaluator(emulator_eval, fm) if cheap_trials and kink_steps else None
     previous = theta.copy()  # where each star's last accepted step started
     has_previous = np.zeros(n, dtype=bool)
     for _ in range(max_iterations):
@@ -362,6 +366,17 @@ def batched_levenberg_marquardt(
                 t_obj_all = np.concatenate([t_obj_all, k_obj[None]])
                 chosen_all = np.append(factors, 1.0)
             t_obj_all = np.where(np.isfinite(t_obj_all), t_obj_all, np.inf)
+            if backtracking.size:
+                # the best trial's step, shortened (predicted, so ~free): a step that crossed kinks
+                # overshoots along a good direction, where more damping would also turn it
+                best = np.argmin(t_obj_all, axis=0)
+                direction = np.stack(steps)[best, np.arange(m)]
+                shorter = [np.clip(th + a * direction, lo, hi) - th for a in backtracking]
+                s_obj = trial_objective(np.concatenate([th + st for st in shorter]),
+                                        np.tile(idx, len(shorter)))
+                steps.extend(shorter)
+                t_obj_all = np.concatenate([t_obj_all, s_obj.reshape(len(shorter), m)])
+                chosen_all = np.append(chosen_all, np.ones(len(shorter)))
             steps = np.stack(steps)
             if predicted_trials:
                 pick, go = _check_predicted(evaluate, th, idx, steps, t_obj_all, obj[idx])
