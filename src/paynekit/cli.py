@@ -27,7 +27,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 # -- demo -------------------------------------------------------------------------------------------
 def _cmd_demo(args) -> int:
     from .demo import DemoConfig, run_demo
+    from .pipeline.worker import keep_freed_memory
 
+    keep_freed_memory()  # this process only fits (and trains): reuse freed memory, see there
     cfg = DemoConfig(n_train=args.n_train, n_fit=args.n_fit, seed=args.seed, train_steps=args.train_steps,
                      train_time_s=args.train_time)
     run_demo(Path(args.out), cfg, echo=print)
@@ -143,7 +145,9 @@ def _cmd_fit(args) -> int:
     from .emulators.formats import load_emulator
     from .errors import InputError
     from .pipeline import PipelineConfig, merge, run_pipeline
+    from .pipeline.worker import keep_freed_memory
 
+    keep_freed_memory()  # chunks fitted in this process (--workers 1) too
     if not args.output and not args.out_dir:
         raise InputError("give -o CATALOG (.fits or .parquet), --out-dir DIR, or both")
     emulator = load_emulator(args.model, trust_pickle=args.trust_pickle)
