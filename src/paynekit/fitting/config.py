@@ -88,7 +88,7 @@ class FitConfig:
         ``frozen``: {label: value} held fixed. ``priors``: {label: (mean, sigma)} Gaussian priors in
         physical units. ``scaled_bounds``: the box in scaled labels (The Payne's [-0.5, 0.5]).
     Convergence
-        ``max_iterations`` (200: with 25 labels most stars converge in ~30 iterations, but ~2 % crawl along
+        ``max_iterations`` (200: with 25 labels most stars converge in ~20-30 iterations, but ~2 % crawl along
         a degenerate valley for 100-200; on 400 mock APOGEE stars 100 left 8 of them flagged not converged,
         200 none, at the same mean cost); ``chi2_tolerance``: stop when the Gauss-Newton decrement (the chi2 still to
         gain, about (distance / sigma)^2) or the gain of the last step is below it (0.01: a tenth of a
