@@ -175,16 +175,12 @@ def doppler_rows_transpose(values, v, log_step, c_kms, starts, stops, out):  # p
                     i = t - sr
                     y[t] += k0 * x[i + 2] + k1 * x[i + 1] + k2 * x[i] + k3 * x[i - 1] + k4 * x[i - 2]
                 # ... the first and last four interior sources also reach targets outside it
-                for i in range(lo, min(lo + 4, hi)):
-                    for k in range(5):
-                        t = i + sr + k - 2
-                        if t < t0 or t >= t1:
-                            y[t] += w[k] * x[i]
-                for i in range(max(hi - 4, lo + 4), hi):
-                    for k in range(5):
-                        t = i + sr + k - 2
-                        if t < t0 or t >= t1:
-                            y[t] += w[k] * x[i]
+                for e0, e1 in ((lo, min(lo + 4, hi)), (max(hi - 4, lo + 4), hi)):
+                    for i in range(e0, e1):
+                        for k in range(5):
+                            t = i + sr + k - 2
+                            if t < t0 or t >= t1:
+                                y[t] += w[k] * x[i]
             for e0, e1 in ((a, lo), (hi, b)):  # sources whose taps clamp at the segment's edge
                 for i in range(e0, e1):
                     for k in range(5):

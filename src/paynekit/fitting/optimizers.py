@@ -366,18 +366,16 @@ def batched_levenberg_marquardt(
                 t_obj_all = np.concatenate([t_obj_all, k_obj[None]])
                 chosen_all = np.append(factors, 1.0)
             t_obj_all = np.where(np.isfinite(t_obj_all), t_obj_all, np.inf)
+            steps = np.stack(steps)
             if backtracking.size:
                 # the best trial's step, shortened (predicted, so ~free): a step that crossed kinks
                 # overshoots along a good direction, where more damping would also turn it
-                best = np.argmin(t_obj_all, axis=0)
-                direction = np.stack(steps)[best, np.arange(m)]
-                shorter = [np.clip(th + a * direction, lo, hi) - th for a in backtracking]
-                s_obj = trial_objective(np.concatenate([th + st for st in shorter]),
-                                        np.tile(idx, len(shorter)))
-                steps.extend(shorter)
-                t_obj_all = np.concatenate([t_obj_all, s_obj.reshape(len(shorter), m)])
-                chosen_all = np.append(chosen_all, np.ones(len(shorter)))
-            steps = np.stack(steps)
+                direction = steps[np.argmin(t_obj_all, axis=0), np.arange(m)]
+                shorter = np.clip(th + backtracking[:, None, None] * direction, lo, hi) - th
+                s_obj = trial_objective((th + shorter).reshape(-1, f), np.tile(idx, backtracking.size))
+                steps = np.concatenate([steps, shorter])
+                t_obj_all = np.concatenate([t_obj_all, s_obj.reshape(backtracking.size, m)])
+                chosen_all = np.append(chosen_all, np.ones(backtracking.size))
             if predicted_trials:
                 pick, go = _check_predicted(evaluate, th, idx, steps, t_obj_all, obj[idx])
             else:
