@@ -69,6 +69,19 @@ def test_float32_close_to_float64(emulator, rng):
     np.testing.assert_allclose(e32.jacobian(x), j64, atol=1e-4 * np.abs(j64).max())
 
 
+def test_mlp_float32_copy_is_kept_but_not_pickled(small_mlp, rng):
+    import pickle
+
+    size = len(pickle.dumps(small_mlp))
+    e32 = small_mlp.astype(np.float32)
+    assert small_mlp.astype("float32") is e32 and small_mlp.astype(small_mlp.dtype) is small_mlp
+    # a worker is sent the network, not the network and its copies
+    assert len(pickle.dumps(small_mlp)) == size
+    back = pickle.loads(pickle.dumps(small_mlp))
+    x = _interior_labels(small_mlp, rng)
+    np.testing.assert_array_equal(back.astype(np.float32).predict(x), e32.predict(x))
+
+
 def test_jacobian_chunking_gives_same_result(small_mlp, rng, monkeypatch):
     import paynekit.emulators.base as base
 

@@ -128,6 +128,9 @@ def test_chi2_and_gradient_are_exact_and_the_curvature_is_close(leaky, observati
     assert low_rank.has_tail
     err = _relative(low_rank(theta, rows)[2], exact(theta, rows)[2])
     assert np.median(err) < 0.03 and err.max() < 0.2
+    # the network's float32 copy and the basis of its output weights are made once, for every chunk
+    assert low_rank.u_k is _evaluators(leaky, flux, ivar, rank=8)[2].u_k and hidden.u_k is not low_rank.u_k
+    assert hidden.w2_t is _evaluators(leaky, flux, ivar)[2].w2_t
 
 
 def test_priors_and_frozen_labels_follow_the_exact_evaluator(leaky, observations):

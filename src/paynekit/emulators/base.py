@@ -65,7 +65,8 @@ class Emulator(ABC):
 
     @abstractmethod
     def astype(self, dtype) -> Emulator:
-        """A copy of this emulator evaluated in ``dtype`` (float32 or float64)."""
+        """This emulator evaluated in ``dtype`` (float32 or float64): itself when it already is, else a copy
+        (which an implementation may keep and hand out again: an emulator is not changed after it is made)."""
 
     @property
     @abstractmethod

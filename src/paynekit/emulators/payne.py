@@ -90,6 +90,19 @@ class PayneMLP(Emulator):
         self.biases = bs
         # transposed copies, contiguous, for the (N, L, H) Jacobian propagation
         self._weights_t = [np.ascontiguousarray(w.T) for w in ws]
+        self._derived = {}  # see derived(); the weights are not changed after construction
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_derived"] = {}  # rebuilt where needed: a worker is not sent copies of the weights
+        return state
+
+    def derived(self, key, make):
+        """``make()``, computed once per network and ``key`` (float32 copies, a factorisation of the
+        weights) and kept with it: fits of many chunks with one network reuse it."""
+        if key not in self._derived:
+            self._derived[key] = make()
+        return self._derived[key]
 
     @property
     def dtype(self):
@@ -104,8 +117,13 @@ class PayneMLP(Emulator):
         return tuple(w.shape[0] for w in self.weights[:-1])
 
     def astype(self, dtype) -> PayneMLP:
-        return PayneMLP(self.weights, self.biases, self.label_space, self.wavelength, activation=self.activation,
-                        dtype=dtype, wavelength_medium=self.wavelength_medium, meta=self.meta)
+        """This network in ``dtype`` (float32 or float64); the copy is made once and kept."""
+        dtype = np.dtype(dtype)
+        if dtype == self._dtype:
+            return self
+        return self.derived(("astype", dtype.str), lambda: PayneMLP(
+            self.weights, self.biases, self.label_space, self.wavelength, activation=self.activation,
+            dtype=dtype, wavelength_medium=self.wavelength_medium, meta=self.meta))
 
     def _evaluate_scaled(self, x, jacobian):
         a = x

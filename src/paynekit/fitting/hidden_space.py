@@ -35,8 +35,6 @@ two-hidden-layer leaky-ReLU PayneMLP, no LSF, model and data on one log-uniform 
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
 from .._kernels import continuum_rows, doppler_rows_transpose, numba_enabled, residual_rows
@@ -49,25 +47,23 @@ from .forward import CONTINUUM_RIDGE, NormalEquations, _ridge, _solve
 #: first): ~2 ms per star for the Gram matrix instead of ~12 for all 300 (docs/design.md).
 HIDDEN_RANK = 100
 
-_BASES: dict = {}
-_MAX_BASES = 4
 
+def _constants(mlp, rank: int) -> dict:
+    """The network's float32 weights and biases, W^T, and the basis of the output weights ``W = U S V^T``:
+    ``u_k`` (P, k) and ``sv_all_t`` = (S V^T)^T (H, H), whose first k columns give the kept part
+    ``S_k V_k^T`` and the others the tail ``S_t V_t^T`` (``W^T W = V S^2 V^T``). Made once per network and
+    rank and kept with it (the SVD of an 8575 x 300 matrix takes ~0.3 s, the copies ~30 ms)."""
 
-def _basis(w_out: np.ndarray, rank: int):
-    """(U_k (P, k), (S V^T)^T (H, H)) of the output weights ``W = U S V^T``, float32: the first k
-    columns of the second give the kept part ``S_k V_k^T``, the others the tail ``S_t V_t^T``
-    (``W^T W = V S^2 V^T``). Cached by the weights' bytes (the SVD of an 8575 x 300 matrix takes ~0.3 s)."""
-    key = (w_out.shape, rank, hashlib.blake2b(np.ascontiguousarray(w_out).tobytes(), digest_size=16).digest())
-    if key not in _BASES:
-        w64 = np.asarray(w_out, dtype=np.float64)
-        u, s, vt = np.linalg.svd(w64, full_matrices=False)
-        if len(_BASES) >= _MAX_BASES:
-            _BASES.pop(next(iter(_BASES)))
-        _BASES[key] = (
-            np.ascontiguousarray(u[:, :rank], dtype=np.float32),
-            np.ascontiguousarray((s[:, None] * vt).T, dtype=np.float32),
-        )
-    return _BASES[key]
+    def make():
+        w = [np.asarray(a, dtype=np.float32) for a in mlp.weights]
+        b = [np.asarray(a, dtype=np.float32) for a in mlp.biases]
+        u, s, vt = np.linalg.svd(np.asarray(mlp.weights[-1], dtype=np.float64), full_matrices=False)
+        u_k = np.ascontiguousarray(u[:, :rank], dtype=np.float32)
+        return dict(w=w, b=b, w2_t=np.ascontiguousarray(w[2].T), u_k=u_k,
+                    sv_all_t=np.ascontiguousarray((s[:, None] * vt).T, dtype=np.float32),
+                    u_k_channels=np.ascontiguousarray(u_k.T)[None])
+
+    return mlp.derived(("hidden_space", rank), make)
 
 
 class HiddenSpaceEvaluator:
@@ -76,20 +72,19 @@ class HiddenSpaceEvaluator:
 
     def __init__(self, fm, mlp, data, weights, rank: int = HIDDEN_RANK):
         self.fm = fm
-        w = [np.asarray(a, dtype=np.float32) for a in mlp.weights]
-        b = [np.asarray(a, dtype=np.float32) for a in mlp.biases]
-        self.w0, self.w1, self.w2 = w
-        self.b0, self.b1, self.b2 = b
-        self.w2_t = np.ascontiguousarray(self.w2.T)
+        k = int(min(rank, *mlp.weights[-1].shape))
+        const = _constants(mlp, k)
+        self.w0, self.w1, self.w2 = const["w"]
+        self.b0, self.b1, self.b2 = const["b"]
+        self.w2_t = const["w2_t"]
         self.data = np.ascontiguousarray(data, dtype=np.float64)
         self.weights = np.ascontiguousarray(weights, dtype=np.float64)
         self.n = self.data.shape[0]
-        k = int(min(rank, self.w2.shape[0], self.w2.shape[1]))
-        self.u_k, self.sv_all_t = _basis(self.w2, k)
+        self.u_k, self.sv_all_t = const["u_k"], const["sv_all_t"]
         self.sv = np.ascontiguousarray(self.sv_all_t[:, :k].T)  # S_k V_k^T (k, H)
         self.rank = k
         self.has_tail = self.sv_all_t.shape[1] > k
-        self._u_k_channels = np.ascontiguousarray(self.u_k.T)[None]  # (1, k, P) for the Doppler shift
+        self._u_k_channels = const["u_k_channels"]  # (1, k, P) for the Doppler shift
         self.gram = np.zeros((self.n, k, k), dtype=np.float32)
         self.mean_weight = np.zeros(self.n)
         self.has_gram = np.zeros(self.n, dtype=bool)
