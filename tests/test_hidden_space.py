@@ -311,6 +311,37 @@ def test_the_jacobian_evaluation_reuses_the_trials_flux(leaky, observations):
     np.testing.assert_allclose(got[2], ref[2], rtol=1e-4)
 
 
+def test_the_projected_jacobian_is_updated_where_few_units_change_side(leaky, observations, monkeypatch):
+    """Evaluated again after a small step, a star's curvature comes from updating its last projected
+    Jacobian for the hidden units that changed side; it equals making it anew (float32 rounding), after a
+    run of such updates too, and stars with many changed units are made anew."""
+    import paynekit.fitting.hidden_space as hs
+
+    xs, v, flux, ivar = observations
+    rows = np.arange(xs.shape[0])
+    _, _, hidden, _ = _evaluators(leaky, flux, ivar)
+    _, _, fresh, _ = _evaluators(leaky, flux, ivar)
+    rng = np.random.default_rng(5)
+    x = xs + 0.05
+    hidden(np.column_stack([x, v]), rows)
+    fresh(np.column_stack([x, v]), rows)
+    changed = 0
+    for _ in range(6):
+        x = x + rng.normal(0.0, 0.03, x.shape)
+        d1 = hidden._hidden(np.column_stack([x, v]), True)[2]
+        changed += int(np.sum(d1 != hidden._d1))
+        got = hidden(np.column_stack([x, v]), rows)[2]
+        monkeypatch.setattr(hs, "MAX_FLIPS", -1)  # the reference: made anew every time
+        ref = fresh(np.column_stack([x, v]), rows)[2]
+        monkeypatch.setattr(hs, "MAX_FLIPS", 24)
+        assert _relative(got, ref).max() < 1e-5
+    assert changed > 20 and np.all(hidden._updates == 6) and np.all(fresh._updates == 0)
+    # a star whose first-layer units mostly changed side is made anew
+    monkeypatch.setattr(hs, "MAX_FLIPS", 1)
+    hidden(np.column_stack([-x, v]), rows)
+    assert np.any(hidden._updates == 0)
+
+
 def _trial_points(xs, v, rng, size):
     return np.column_stack([np.clip(xs + rng.normal(0, size, xs.shape), -0.5, 0.5), v])
 

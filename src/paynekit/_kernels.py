@@ -67,6 +67,18 @@ def doppler_rows_transpose(values, v, log_step, c_kms, starts, stops) -> np.ndar
     return out
 
 
+def hidden_flip_updates(pt, b, rows, flips2, delta2, sv, flips1, delta1, r1, w0t, w1t) -> None:
+    """Update in place, for stars ``rows`` whose hidden units changed side, ``b[i] = W0f^T D1 W1^T`` (nl, H2)
+    and ``pt[i] = b[i] D2 sv`` (nl, H): second-layer unit u of local star s changing its slope by
+    delta2 adds ``delta2 b[i][:, u] (x) sv[u]`` (with b before the first-layer changes), first-layer unit u
+    adds ``w0t[:, u] (x) r1[j]`` (``r1[j] = delta1 (w1t[u] * D2_new) @ sv``, one matrix product for all
+    pairs, made by the caller) to pt and ``delta1 w0t[:, u] (x) w1t[u]`` to b. ``flips1``/``flips2`` are
+    (local star, unit) pairs as np.nonzero gives them. Compiled; needs numba."""
+    from ._numba_kernels import hidden_flip_updates as kernel
+
+    kernel(pt, b, rows, flips2[0], flips2[1], delta2, sv, flips1[0], flips1[1], delta1, r1, w0t, w1t)
+
+
 def residual_rows(data, weights, rows, model, dv=None, want=False):
     """chi2 per star of ``model`` (m, P) against rows ``rows`` of data and weights (N, P, float64), without
     gathering them: ``sum(w (d - model)^2)``. With ``want`` also w r (m, P, float32), and with ``dv``

@@ -301,3 +301,25 @@ def continuum_rows(  # pragma: no cover - compiled
                 for p in range(n):
                     out[p] += cj * tj[p]
             k0 += nd
+
+
+@numba.njit(cache=True, nogil=True)
+def hidden_flip_updates(pt, b, rows, s2, u2, delta2, sv, s1, u1, delta1, r1, w0t, w1t):  # pragma: no cover
+    # second-layer units first: their term uses b before the first-layer units change it
+    nl, h = pt.shape[1], pt.shape[2]
+    h2 = b.shape[2]
+    for j in range(s2.size):
+        i, u, dd = rows[s2[j]], u2[j], delta2[j]
+        for l in range(nl):
+            c = dd * b[i, l, u]
+            for k in range(h):
+                pt[i, l, k] += c * sv[u, k]
+    for j in range(s1.size):
+        i, u, dd = rows[s1[j]], u1[j], delta1[j]
+        for l in range(nl):
+            c = w0t[l, u]
+            for k in range(h):
+                pt[i, l, k] += c * r1[j, k]
+            c = dd * c
+            for k in range(h2):
+                b[i, l, k] += c * w1t[u, k]

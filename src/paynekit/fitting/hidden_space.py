@@ -37,7 +37,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._kernels import continuum_rows, doppler_rows_transpose, numba_enabled, residual_rows
+from .._kernels import (
+    continuum_rows,
+    doppler_rows_transpose,
+    hidden_flip_updates,
+    numba_enabled,
+    residual_rows,
+)
 from ..emulators.payne import activate
 from ..instrument import SPEED_OF_LIGHT_KMS
 from .forward import CONTINUUM_RIDGE, NormalEquations, _ridge, _solve
@@ -46,6 +52,12 @@ from .forward import CONTINUUM_RIDGE, NormalEquations, _ridge, _solve
 #: gets the star's mean weight. 100 of 300 on the 25-label APOGEE network (the 100th is 4 % of the
 #: first): ~2 ms per star for the Gram matrix instead of ~12 for all 300 (docs/design.md).
 HIDDEN_RANK = 100
+
+#: The projected Jacobian ``(S V^T) M`` of a star is updated from its last evaluation when at most this many
+#: first-layer units changed side (each costs ~1/40 of making it anew; the median step changes ~4) ...
+MAX_FLIPS = 24
+#: ... and made anew after this many updates in a row (float32 rounding does not build up).
+MAX_UPDATES = 16
 
 
 def _constants(mlp, rank: int) -> dict:
@@ -99,6 +111,9 @@ class HiddenSpaceEvaluator:
         self._chi2_at = np.full(self.n, np.nan)
         self._v_at = np.zeros((self.n, 3))  # v, sum w r dm/dv, sum w (dm/dv)^2
         self._profile_at = None  # continuum: per region (coefficient columns (n, D, H), v column, A^-1)
+        # each star's projected Jacobian at its last evaluation, for _projected_jacobian
+        self._pt = self._b = self._d1 = self._d2 = None
+        self._updates = np.full(self.n, -1)  # updates since it was made anew (-1: none yet)
 
     @staticmethod
     def supports(fm, emulator_eval) -> bool:
@@ -165,6 +180,50 @@ class HiddenSpaceEvaluator:
         a2, d2 = activate(a1 @ self.w1.T + self.b1, "leaky_relu", derivative=derivative)
         return x, a1, d1, a2, d2
 
+    def _projected_jacobian(self, rows, d1, d2):
+        """``(S V^T) M`` (m, nl, H) for the free labels at activation slopes d1, d2 (m, H1), (m, H2).
+
+        ``M = D2 W1 D1 W0f`` changes between two evaluations of a star only through the hidden units that
+        changed side, a few per step near a minimum: each changed first-layer unit adds a rank-one term
+        (one row of a matrix product for all stars, instead of two (nl x H) x (H x H) products per star),
+        each changed second-layer unit another. Stars with more changes, or with MAX_UPDATES updates
+        since, are made anew. Equal to making it anew to float32 rounding."""
+        free = self.fm.free
+        nl = free.size
+        if self._pt is None:
+            self._w0t_free = np.ascontiguousarray(self.w0.T[free])  # (nl, H1)
+            self._w1t = np.ascontiguousarray(self.w1.T)  # (H1, H2)
+            self._pt = np.zeros((self.n, nl, self.sv_all_t.shape[1]), dtype=np.float32)
+            self._b = np.zeros((self.n, nl, self.w1.shape[0]), dtype=np.float32)
+            self._d1 = np.zeros((self.n, self.w0.shape[0]), dtype=np.float32)
+            self._d2 = np.zeros((self.n, self.w1.shape[0]), dtype=np.float32)
+        d1, d2 = d1.astype(np.float32, copy=False), d2.astype(np.float32, copy=False)
+        flips1 = d1 != self._d1[rows]
+        count = self._updates[rows]
+        update = (count >= 0) & (count < MAX_UPDATES) & (flips1.sum(axis=1) <= MAX_FLIPS)
+        anew = np.flatnonzero(~update)
+        if anew.size:
+            r = rows[anew]
+            t1 = self._w0t_free[None] * d1[anew][:, None, :]
+            b = (t1.reshape(anew.size * nl, -1) @ self.w1.T).reshape(anew.size, nl, -1)
+            self._b[r] = b
+            self._pt[r] = ((b * d2[anew][:, None, :]).reshape(anew.size * nl, -1) @ self.sv_all_t).reshape(
+                anew.size, nl, -1)
+            self._updates[r] = 0
+        up = np.flatnonzero(update)
+        if up.size:
+            r = rows[up]
+            f1 = np.nonzero(flips1[up])
+            f2 = np.nonzero(d2[up] != self._d2[r])
+            delta1 = d1[up][f1] - self._d1[r][f1]
+            delta2 = d2[up][f2] - self._d2[r][f2]
+            r1 = (delta1[:, None] * self._w1t[f1[1]] * d2[up][f1[0]]) @ self.sv_all_t
+            hidden_flip_updates(self._pt, self._b, r, f2, delta2, self.sv_all_t, f1, delta1, r1,
+                                self._w0t_free, self._w1t)
+            self._updates[r] += 1
+        self._d1[rows], self._d2[rows] = d1, d2
+        return self._pt[rows]
+
     def predict(self, theta, rows):
         """The objective of trial points (m, F) of the stars ``rows``, predicted without the output layer.
 
@@ -227,7 +286,7 @@ class HiddenSpaceEvaluator:
         if cont is not None:  # the labels move the model through the continuum-scaled flux
             wr = wr * cont
             wdv = wdv * cont if want_dv else None
-        m, n_lab = x.shape
+        m = x.shape[0]
         free = fm.free
         nl = free.size
         # gradient: back through the Doppler shift, the output layer and the two hidden layers
@@ -235,17 +294,11 @@ class HiddenSpaceEvaluator:
         self._h_at[rows], self._g_at[rows], self._chi2_at[rows] = a2, g_h, chi2
         self._v_at[rows, 0] = v
         g_x = (((g_h * d2) @ self.w1) * d1) @ self.w0
-        # M^T (m, L, H): d h / d labels, one product for all stars
-        t1 = self.w0.T[None] * d1[:, None, :]
-        mt = (t1.reshape(m * n_lab, -1) @ self.w1.T).reshape(m, n_lab, -1) * d2[:, None, :]
-        if nl != n_lab:
-            mt = np.ascontiguousarray(mt[:, free])
         self._ensure_gram(rows, v, cont)
         f = fm.n_params
         h = np.zeros((m, f, f))
         g = np.zeros((m, f))
-        flat = mt.reshape(m * nl, -1)
-        pt = (flat @ self.sv_all_t).reshape(m, nl, -1)  # (S V^T) M: kept directions, then the tail's
+        pt = self._projected_jacobian(rows, d1, d2)  # (S V^T) M (m, nl, H): kept directions, then the tail's
         p = pt[:, :, : self.rank]
         h[:, :nl, :nl] = np.matmul(np.matmul(p, self.gram[rows]), p.transpose(0, 2, 1))
         if self.has_tail:
@@ -255,14 +308,14 @@ class HiddenSpaceEvaluator:
         if want_dv:
             g[:, -1] = g_v
             h[:, -1, -1] = h_vv
-            q = (self._transpose_shift(wdv, v) @ self.u_k) @ self.sv  # W^T S^T (w dm/dv), rank-k part
-            self._q_at[rows] = q
+            qk = self._transpose_shift(wdv, v) @ self.u_k  # U_k^T S^T (w dm/dv)
+            self._q_at[rows] = qk @ self.sv  # W^T S^T (w dm/dv), rank-k part
             self._v_at[rows, 1], self._v_at[rows, 2] = g_v, h_vv
-            hv = np.einsum("mlh,mh->ml", mt, q)
+            hv = np.einsum("mlk,mk->ml", p, qk)  # M^T of that
             h[:, :nl, -1] = hv
             h[:, -1, :nl] = hv
         if cont is not None:
-            self._profile_continuum(h, mt, shifted, cont, dv, rows, v, grams)
+            self._profile_continuum(h, p, shifted, cont, dv, rows, v, grams)
         curvature = h.copy()
         h[:, np.arange(f), np.arange(f)] += ph
         g += pg
@@ -270,7 +323,7 @@ class HiddenSpaceEvaluator:
         equations = NormalEquations(chi2, curvature, g - pg, model, cont, coef)
         return np.where(ok, obj, np.inf), chi2, h, g, equations
 
-    def _profile_continuum(self, h, mt, shifted, cont, dv, rows, v, grams):
+    def _profile_continuum(self, h, p, shifted, cont, dv, rows, v, grams):
         """Subtract the continuum's share of the curvature (the Schur complement of the coefficients, as
         :func:`~paynekit.fitting.forward.normal_equations` does), with the kept singular vectors of W.
 
@@ -278,7 +331,7 @@ class HiddenSpaceEvaluator:
         taken as ``S^T (w c f)`` times T_d at the same pixel (the smooth Chebyshev terms barely change over
         a shift of a few tens of pixels), so that one transposed shift per star serves every column."""
         design = self.fm.continuum
-        m, nl, _ = mt.shape
+        m, nl, _ = p.shape
         w = self.weights[rows]
         back = self._transpose_shift((w * cont * shifted).astype(np.float32), v)
         if self._profile_at is None:
@@ -292,9 +345,10 @@ class HiddenSpaceEvaluator:
             t = np.asarray(basis, dtype=np.float32)  # (P_r, D)
             d = t.shape[1]
             cols = back[:, None, sl] * t.T[None]  # (m, D, P_r): W^T-side columns of the region
-            ch = ((cols.reshape(m * d, -1) @ self.u_k[sl]) @ self.sv).reshape(m, d, -1)  # (m, D, H)
+            ck = (cols.reshape(m * d, -1) @ self.u_k[sl]).reshape(m, d, -1)  # (m, D, k)
+            ch = ck @ self.sv  # (m, D, H)
             cross = np.zeros((m, h.shape[1], d))
-            cross[:, :nl] = np.einsum("mlh,mdh->mld", mt, ch)
+            cross[:, :nl] = np.einsum("mlk,mdk->mld", p, ck)  # M^T ch
             if dv is not None:  # d model / d v against the coefficients' columns, exact
                 wa = (w[:, sl] * shifted[:, sl])[:, None, :] * t.T[None]
                 cross[:, -1] = np.einsum("mdp,mp->md", wa, dv[:, sl])
