@@ -342,6 +342,25 @@ def test_the_projected_jacobian_is_updated_where_few_units_change_side(leaky, ob
     assert np.any(hidden._updates == 0)
 
 
+def test_the_gram_form_of_grouped_trials_equals_one_at_a_time(leaky, observations):
+    """The optimiser's trials (T blocks of the same stars) take one product per star; any other order of
+    rows takes one per row: the same values (float32 rounding)."""
+    xs, v, flux, ivar = observations
+    rows = np.arange(xs.shape[0])
+    _, _, hidden, _ = _evaluators(leaky, flux, ivar, rank=8)
+    hidden(np.column_stack([xs, v]), rows)
+    rng = np.random.default_rng(2)
+    tiled = np.tile(rows[3:15], 3)
+    p = rng.normal(size=(tiled.size, hidden.rank)).astype(np.float32)
+    got = hidden._gram_form(p, tiled)
+    one = np.array([p[j] @ hidden.gram[r] @ p[j] for j, r in enumerate(tiled)])
+    np.testing.assert_allclose(got, one, rtol=1e-5)
+    mixed = tiled.copy()
+    mixed[[0, 5]] = mixed[[5, 0]]
+    np.testing.assert_allclose(hidden._gram_form(p, mixed), [p[j] @ hidden.gram[r] @ p[j] for j, r in
+                                                             enumerate(mixed)], rtol=1e-5)
+
+
 def _trial_points(xs, v, rng, size):
     return np.column_stack([np.clip(xs + rng.normal(0, size, xs.shape), -0.5, 0.5), v])
 

@@ -146,8 +146,8 @@ class HiddenSpaceEvaluator:
         pos = np.flatnonzero(need)[first]  # where each of those stars is in this call
         for i, j in zip(rr, pos):
             wi = self.weights[i] if cont is None else self.weights[i] * cont[j].astype(np.float64) ** 2
-            shifted = self.fm.resampler.apply(self._u_k_channels, v[j : j + 1])[0]
-            a = shifted * np.sqrt(wi).astype(np.float32)
+            a = self.fm.resampler.apply(self._u_k_channels, v[j : j + 1])[0]
+            a *= np.sqrt(wi).astype(np.float32)  # a new array (the compiled shift), weighted in place
             self.gram[i] = a @ a.T
             self.mean_weight[i] = float(np.mean(wi))
         self.has_gram[rr] = True
@@ -224,6 +224,20 @@ class HiddenSpaceEvaluator:
         self._d1[rows], self._d2[rows] = d1, d2
         return self._pt[rows]
 
+    def _gram_form(self, p, rows):
+        """``p[j] . G[rows[j]] p[j]`` for points p (m, k) of stars ``rows``. The optimiser's trials come as
+        T blocks of the same stars in the same order: then one (T, k) x (k, k) product per star, without
+        gathering T copies of its Gram matrix."""
+        m = rows.size
+        first = np.flatnonzero(rows == rows[0])
+        t = first.size
+        if t > 1 and m % t == 0 and np.array_equal(first, np.arange(t) * (m // t)):
+            stars = rows[: m // t]
+            if np.array_equal(rows.reshape(t, -1), np.broadcast_to(stars, (t, stars.size))):
+                pb = p.reshape(t, stars.size, -1).transpose(1, 0, 2)  # (stars, T, k)
+                return np.sum(np.matmul(pb, self.gram[stars]) * pb, axis=2).T.reshape(-1)
+        return np.matmul(np.matmul(p[:, None, :], self.gram[rows]), p[:, :, None])[:, 0, 0]
+
     def predict(self, theta, rows):
         """The objective of trial points (m, F) of the stars ``rows``, predicted without the output layer.
 
@@ -240,7 +254,7 @@ class HiddenSpaceEvaluator:
         dh = a2 - self._h_at[rows]
         pt = dh @ self.sv_all_t  # (S V^T) dh: the kept singular directions, then the tail's
         p = pt[:, : self.rank]
-        gram = np.matmul(np.matmul(p[:, None, :], self.gram[rows]), p[:, :, None])[:, 0, 0]
+        gram = self._gram_form(p, rows)
         chi2 = self._chi2_at[rows] - 2.0 * np.sum(dh * self._g_at[rows], axis=1, dtype=np.float64)
         chi2 += gram.astype(np.float64)
         if self.has_tail:
