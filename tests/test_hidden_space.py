@@ -194,6 +194,12 @@ def test_fits_with_the_hidden_curvature_end_as_low_with_the_exact_covariance(lea
     # and the labels are recovered: within 4 formal sigma of the truth
     sig = np.sqrt(np.diagonal(res.cov, axis1=1, axis2=2))
     assert np.all(np.abs(res.theta[:, :-1] - xs) / sig[:, :-1] < 4.0)
+    # the exact evaluation where the fits ended, in blocks of 5 stars: the same result (float32 rounding)
+    blocks = batched_levenberg_marquardt(fm, ev, flux, ivar, start, lower, upper, cfg, exact_block=5)
+    np.testing.assert_array_equal(blocks.theta, res.theta)
+    np.testing.assert_allclose(blocks.cov, res.cov, rtol=1e-4, atol=1e-6 * np.abs(res.cov).max())
+    np.testing.assert_allclose(blocks.model, res.model, rtol=1e-6)
+    np.testing.assert_allclose(blocks.chi2, res.chi2, rtol=1e-6)
 
 
 @pytest.mark.parametrize("continuum", [False, True])
@@ -214,6 +220,32 @@ def test_the_catalog_is_the_same_kind_as_with_exact_curvature(leaky, observation
         # uncertainties: the exact curvature where each fit ended (one side of a kink or the other)
         ratio = np.asarray(a[f"raw_e_{name}"]) / np.asarray(b[f"raw_e_{name}"])
         assert abs(np.median(ratio) - 1) < 0.01, name
+
+
+def test_the_hidden_path_fits_in_larger_batches_with_the_jacobian_in_blocks(leaky, observations, monkeypatch):
+    """fit() gives the hidden-layer path batches of up to chunk_size stars (it forms no Jacobian while it
+    steps) and the exact evaluation where they end the Jacobian-sized blocks; the exact path keeps those."""
+    import paynekit.fitting.api as api
+
+    _, _, flux, ivar = observations
+    seen = []
+    original = api.batched_levenberg_marquardt
+
+    def spy(fm, ev, data, *args, exact_block=None, **kwargs):
+        seen.append((data.shape[0], exact_block))
+        return original(fm, ev, data, *args, exact_block=exact_block, **kwargs)
+
+    monkeypatch.setattr(api, "batched_levenberg_marquardt", spy)
+    # memory for 5 stars' Jacobians, or 8 stars on the hidden path (this toy has 5 parameters, not 26)
+    p = leaky.wavelength.size
+    cfg = FitConfig(lm_trial_min_params=1, chunk_size=6, restart_reduced_chi2=None,
+                    max_chunk_bytes=5 * (leaky.n_labels + 3) * p * 4 * api.JACOBIAN_BLOCKS_PER_STAR)
+    a = fit(leaky, (leaky.wavelength, flux, ivar), cfg)
+    assert seen == [(6, 5)] * 4
+    seen.clear()
+    b = fit(leaky, (leaky.wavelength, flux, ivar), cfg.replace(lm_hidden_curvature=False))
+    assert seen == [(5, 5)] * 4 + [(4, 5)]
+    assert not np.any(a["flag_bad"]) and not np.any(b["flag_bad"])
 
 
 def test_a_fitted_continuum_is_profiled_out_as_the_exact_evaluator_does(leaky, observations):

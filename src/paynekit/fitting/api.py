@@ -24,7 +24,7 @@ from ..flags import BAD_FLAGS, compute_flags
 from ..spectra import Spectrum, SpectrumBatch
 from .config import FitConfig
 from .forward import EmulatorEvaluator, build_forward_model
-from .optimizers import POLISH_ITERATIONS, batched_levenberg_marquardt, scipy_reference
+from .optimizers import POLISH_ITERATIONS, batched_levenberg_marquardt, scipy_reference, uses_hidden_curvature
 from .presearch import PresearchGrid, build_presearch_grid, presearch
 from .uncertainties import correlations, parabola_errors, physical_covariance, zeta_payne_n_deg
 
@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 
 #: Temporaries of the batched optimiser per star, in units of one (channels x pixels) Jacobian block.
 JACOBIAN_BLOCKS_PER_STAR = 6
+#: ... and on the hidden-layer path, which forms the Jacobian only where the fits end (in blocks of the
+#: size above), in (stars x pixels) float64 arrays: data, weights, model, the trials' flux and the like.
+#: Its batches are larger: the optimiser's per-step overhead is shared by more stars, and fewer batches
+#: wait for their slowest star (256 stars per batch instead of 93: ~14 % faster on 25-label APOGEE mocks).
+HIDDEN_PATH_ROWS_PER_STAR = 12
 
 
 @dataclass
@@ -156,11 +161,14 @@ def _check_emulator(emulator):
         )
 
 
-def _chunk_size(fm, config) -> int:
+def _chunk_size(fm, config, hidden_path: bool = False) -> int:
+    """Stars per batch of the optimiser, from ``config.chunk_size`` and ``config.max_chunk_bytes``."""
     itemsize = np.dtype(config.dtype).itemsize
     p = max(fm.model_wavelength.size, fm.data_wavelength.size)
-    per_star = (fm.n_params + 2) * p * itemsize * JACOBIAN_BLOCKS_PER_STAR * max(config.n_starts, 1)
-    return int(max(1, min(config.chunk_size, config.max_chunk_bytes // per_star)))
+    per_star = (fm.n_params + 2) * p * itemsize * JACOBIAN_BLOCKS_PER_STAR
+    if hidden_path:
+        per_star = HIDDEN_PATH_ROWS_PER_STAR * p * 8
+    return int(max(1, min(config.chunk_size, config.max_chunk_bytes // (per_star * max(config.n_starts, 1)))))
 
 
 def presearch_grid(
@@ -301,7 +309,8 @@ def fit(
     zeta = np.full((n, len(names)), np.nan) if config.parabola_uncertainty else None
 
     rows = np.array([i for i in range(n) if not bad[i]], dtype=np.int64)
-    csize = _chunk_size(fm, config)
+    exact_block = _chunk_size(fm, config)
+    csize = _chunk_size(fm, config, batched and uses_hidden_curvature(fm, fit_eval, config))
     n_restart = 0
     if config.restart_reduced_chi2 is not None:  # as many more candidates as the pre-search set holds
         n_restart = max(0, min(config.restart_starts, max(config.presearch_size, 1) - config.n_starts))
@@ -339,7 +348,8 @@ def fit(
             lo_r, hi_r = lower[stars], upper[stars]
             if not batched:
                 return scipy_reference(fm, fit_eval, d[stars], w_fit[stars], starts, lo_r, hi_r, config)
-            res = batched_levenberg_marquardt(fm, fit_eval, d[stars], w_fit[stars], starts, lo_r, hi_r, config)
+            res = batched_levenberg_marquardt(fm, fit_eval, d[stars], w_fit[stars], starts, lo_r, hi_r,
+                                              config, exact_block=exact_block)
             if config.polish_float64 and config.dtype != "float64":
                 ev64 = EmulatorEvaluator(emulator, "float64", config.backend, config.device)
                 first_iters = res.n_iter

@@ -143,7 +143,8 @@ class FitConfig:
         scaled-label change from the pre-search start).
     Resources
         ``chunk_size`` spectra per batch, capped so that one Jacobian block stays under
-        ``max_chunk_bytes``; ``seed`` for the Sobol sequence.
+        ``max_chunk_bytes`` (the hidden-layer path forms the Jacobian only where its fits end, in blocks of
+        that size, and caps its batches by its smaller per-star arrays); ``seed`` for the Sobol sequence.
     """
 
     optimizer: str = "batched"

@@ -279,6 +279,21 @@ def _torch_index(rows, like):
     return torch.as_tensor(rows, dtype=torch.long, device=like.device)
 
 
+def _cheap_trials(n_params: int, config) -> bool:
+    return n_params >= config.lm_trial_min_params and len(config.lm_trial_dampings) > 1
+
+
+def uses_hidden_curvature(fm: ForwardModel, emulator_eval, config) -> bool:
+    """Whether :func:`batched_levenberg_marquardt` takes the hidden-layer path for this fit (many labels,
+    several trial dampings, ``config.lm_hidden_curvature``, and what
+    :meth:`~paynekit.fitting.hidden_space.HiddenSpaceEvaluator.supports` needs)."""
+    if not (_cheap_trials(fm.n_params, config) and config.lm_hidden_curvature):
+        return False
+    from .hidden_space import HiddenSpaceEvaluator
+
+    return HiddenSpaceEvaluator.supports(fm, emulator_eval)
+
+
 def batched_levenberg_marquardt(
     fm: ForwardModel,
     emulator_eval,
@@ -289,18 +304,22 @@ def batched_levenberg_marquardt(
     upper,
     config,
     max_iterations: int | None = None,
+    exact_block: int | None = None,
 ) -> OptimizeResult:
-    """Fit all rows of ``data``/``weights`` (n, P) from starts ``theta0`` (n, F) within [lower, upper]."""
+    """Fit all rows of ``data``/``weights`` (n, P) from starts ``theta0`` (n, F) within [lower, upper].
+
+    ``exact_block``: on the hidden-layer path (:func:`uses_hidden_curvature`), the exact evaluation where
+    the fits ended goes through blocks of at most this many stars (its Jacobian is the largest array)."""
     max_iterations = config.max_iterations if max_iterations is None else max_iterations
     n, f = theta0.shape
     factors = np.asarray(config.lm_trial_dampings, dtype=np.float64)
-    cheap_trials = f >= config.lm_trial_min_params and factors.size > 1
+    cheap_trials = _cheap_trials(f, config)
     p = data.shape[1]
     hidden = None
-    if cheap_trials and config.lm_hidden_curvature:
+    if uses_hidden_curvature(fm, emulator_eval, config):
         from .hidden_space import HiddenSpaceEvaluator
 
-        hidden = HiddenSpaceEvaluator.for_fit(fm, emulator_eval, data, weights)
+        hidden = HiddenSpaceEvaluator(fm, emulator_eval.emulator, data, weights)
     exact = _Evaluator(fm, emulator_eval, data, weights, config.incremental_jacobian and hidden is None)
     evaluate = exact if hidden is None else hidden
     predicted_trials = hidden is not None and config.lm_predicted_trials
@@ -437,11 +456,13 @@ def batched_levenberg_marquardt(
     if hidden is not None:
         # the steps used an approximate curvature: the exact one (and chi2, model) where the fits ended
         fin = np.flatnonzero(np.isfinite(obj))
-        if fin.size:
-            obj[fin], chi2[fin], h[fin], g[fin], ne_ = exact(theta[fin], fin)
-            model[fin] = to_numpy(ne_.model)
+        block = max(1, exact_block or fin.size)
+        for b0 in range(0, fin.size, block):
+            sel = fin[b0 : b0 + block]
+            obj[sel], chi2[sel], h[sel], g[sel], ne_ = exact(theta[sel], sel)
+            model[sel] = to_numpy(ne_.model)
             if cont is not None:
-                cont[fin] = to_numpy(ne_.continuum)
+                cont[sel] = to_numpy(ne_.continuum)
     # stars still descending when the iterations ran out: a failure if they are far from the minimum
     for i in np.flatnonzero(active & np.isfinite(obj)):
         d = decrement(h[i : i + 1], g[i : i + 1], theta[i : i + 1], lower[i : i + 1], upper[i : i + 1])[0]
