@@ -56,13 +56,15 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 
 
 def keep_freed_memory() -> bool:
-    """Make glibc's malloc reuse the memory a fit frees instead of returning it to the OS and taking it back.
+    """Make glibc's malloc reuse the memory a fit frees instead of returning it to the OS and taking it back,
+    and numpy not advise transparent huge pages for its arrays (:func:`no_huge_page_advice`).
 
     A fit allocates and frees arrays of (stars x pixels) at every step; by default glibc serves those from
     fresh mmaps and gives them back, so every step pays page faults for memory it had a moment ago (on the
     2-core test machine, 140,000 faults and 8 s of system time in a 28 s fit of 512 stars; 86,000 and 5 s
     with this). Only for processes that do nothing but fit (the pipeline's workers): peak memory is the same,
     but the process keeps it until it ends. False where the C library has no ``mallopt`` (not glibc)."""
+    no_huge_page_advice()
     try:
         libc = ctypes.CDLL(None)
         mallopt = libc.mallopt
@@ -73,6 +75,25 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, WORKER_MMAP_THRESHOLD)) and bool(
         mallopt(_M_TRIM_THRESHOLD, WORKER_TRIM_THRESHOLD)
     )
+
+
+def no_huge_page_advice() -> bool:
+    """Stop numpy from marking its large arrays MADV_HUGEPAGE in this process (what the environment variable
+    ``NUMPY_MADVISE_HUGEPAGE=0`` does at import). True when numpy's switch was found.
+
+    Where transparent huge pages are given on request (``/sys/kernel/mm/transparent_hugepage`` enabled and
+    defrag ``madvise``, a common default), a fault in such memory can stall in synchronous compaction, and a
+    fit faults in freed and reused arrays all the time (numpy issue 31590). On the 2-core test machine a
+    512-star fit took 7-8.5 s of system time with the advice and 1.0-1.2 s without, 20-25 % of its time."""
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core import multiarray
+    setter = getattr(multiarray, "_set_madvise_hugepage", None)
+    if setter is None:  # pragma: no cover - a numpy without the switch
+        return False
+    setter(False)
+    return True
 
 
 # ------------------------------------------------------------------------------------------------
