@@ -372,6 +372,13 @@ def test_the_projected_jacobian_is_updated_where_few_units_change_side(leaky, ob
     monkeypatch.setattr(hs, "MAX_FLIPS", 1)
     hidden(np.column_stack([-x, v]), rows)
     assert np.any(hidden._updates == 0)
+    # a star twice in one call, at two points: each made anew
+    monkeypatch.setattr(hs, "MAX_FLIPS", 24)
+    twice = np.array([3, 3])
+    points = np.column_stack([x[twice] + np.array([[0.01], [-0.04]]), v[twice]])
+    got = hidden(points, twice)[2]
+    monkeypatch.setattr(hs, "MAX_FLIPS", -1)
+    assert _relative(got, fresh(points, twice)[2]).max() < 1e-5
 
 
 def test_the_gram_form_of_grouped_trials_equals_one_at_a_time(leaky, observations):

@@ -201,6 +201,8 @@ class HiddenSpaceEvaluator:
         flips1 = d1 != self._d1[rows]
         count = self._updates[rows]
         update = (count >= 0) & (count < MAX_UPDATES) & (flips1.sum(axis=1) <= MAX_FLIPS)
+        if np.unique(rows).size < rows.size:  # a star twice in one call (not from the optimiser): made anew
+            update[:] = False
         anew = np.flatnonzero(~update)
         if anew.size:
             r = rows[anew]
