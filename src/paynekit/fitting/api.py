@@ -355,7 +355,7 @@ def fit(
                 first_iters = res.n_iter
                 res = batched_levenberg_marquardt(
                     fm, ev64, d[stars], w_fit[stars], res.theta, lo_r, hi_r, config,
-                    max_iterations=POLISH_ITERATIONS,
+                    max_iterations=POLISH_ITERATIONS, exact_block=exact_block,
                 )
                 res.n_iter = res.n_iter + first_iters
             return res
