@@ -12,7 +12,7 @@ from paynekit.emulators import PayneMLP
 from paynekit.fitting import FitConfig, fit
 from paynekit.fitting.forward import EmulatorEvaluator, build_forward_model
 from paynekit.fitting.hidden_space import HiddenSpaceEvaluator
-from paynekit.fitting.optimizers import _Evaluator, batched_levenberg_marquardt
+from paynekit.fitting.optimizers import _Evaluator, batched_levenberg_marquardt, uses_hidden_curvature
 from paynekit.fitting.uncertainties import invert_curvature
 from paynekit.instrument import SPEED_OF_LIGHT_KMS, ChebyshevContinuum, DopplerResampler
 
@@ -275,22 +275,26 @@ def test_a_fitted_continuum_is_profiled_out_as_the_exact_evaluator_does(leaky, o
     assert _relative(fixed(theta, rows)[2], h_e).max() > 0.1
 
 
-def test_it_is_not_used_where_it_does_not_apply(leaky, observations):
-    _, _, flux, ivar = observations
+def test_it_is_not_used_where_it_does_not_apply(leaky):
     ev = EmulatorEvaluator(leaky, "float32", "numpy")
     fm = build_forward_model(leaky, leaky.wavelength, FitConfig())
-    assert HiddenSpaceEvaluator.for_fit(fm, ev, flux, ivar) is not None
+    assert HiddenSpaceEvaluator.supports(fm, ev)
     fm_lsf = build_forward_model(leaky, leaky.wavelength, FitConfig(resolution=20000.0))
-    assert HiddenSpaceEvaluator.for_fit(fm_lsf, ev, flux, ivar) is None
+    assert not HiddenSpaceEvaluator.supports(fm_lsf, ev)
     sigmoid = EmulatorEvaluator(LineToy().emu, "float32", "numpy")
-    assert HiddenSpaceEvaluator.for_fit(fm, sigmoid, flux, ivar) is None
+    assert not HiddenSpaceEvaluator.supports(fm, sigmoid)
     torch_ev = EmulatorEvaluator.__new__(EmulatorEvaluator)
     torch_ev.backend, torch_ev.emulator = "torch", ev.emulator
-    assert HiddenSpaceEvaluator.for_fit(fm, torch_ev, flux, ivar) is None
+    assert not HiddenSpaceEvaluator.supports(fm, torch_ev)
     # data on another grid than the model's: the shift is a general interpolation, no fast transpose
     other = leaky.wavelength[5:-5]
     fm_other = build_forward_model(leaky, other, FitConfig())
-    assert HiddenSpaceEvaluator.for_fit(fm_other, ev, flux[:, 5:-5], ivar[:, 5:-5]) is None
+    assert not HiddenSpaceEvaluator.supports(fm_other, ev)
+    # and the optimiser takes it only with several trial dampings and lm_hidden_curvature
+    assert uses_hidden_curvature(fm, ev, FitConfig(lm_trial_min_params=1))
+    assert not uses_hidden_curvature(fm, ev, FitConfig(lm_trial_min_params=1, lm_hidden_curvature=False))
+    assert not uses_hidden_curvature(fm, ev, FitConfig(lm_trial_min_params=1, lm_trial_dampings=(1.0,)))
+    assert not uses_hidden_curvature(fm_lsf, ev, FitConfig(lm_trial_min_params=1))
 
 
 def test_the_compiled_continuum_solve_equals_numpy():

@@ -28,7 +28,7 @@ as the exact one does, at ~3x less arithmetic per step for 25 labels x 8575 pixe
 Jacobian to update, shift and multiply). The optimiser evaluates the exact curvature once at the end
 for the formal covariance (:func:`paynekit.fitting.optimizers.batched_levenberg_marquardt`).
 
-Used when the network, the data and the fit allow it (:meth:`HiddenSpaceEvaluator.for_fit`): numpy, a
+Used when the network, the data and the fit allow it (:meth:`HiddenSpaceEvaluator.supports`): numpy, a
 two-hidden-layer leaky-ReLU PayneMLP, no LSF, model and data on one log-uniform grid
 (the Doppler shift is then a per-star shift with cubic weights, whose transpose is a compiled kernel).
 """
@@ -63,7 +63,8 @@ MAX_UPDATES = 16
 def _constants(mlp, rank: int) -> dict:
     """The network's float32 weights and biases, W^T, and the basis of the output weights ``W = U S V^T``:
     ``u_k`` (P, k) and ``sv_all_t`` = (S V^T)^T (H, H), whose first k columns give the kept part
-    ``S_k V_k^T`` and the others the tail ``S_t V_t^T`` (``W^T W = V S^2 V^T``). Made once per network and
+    ``S_k V_k^T`` (``sv``, (k, H)) and the others the tail ``S_t V_t^T`` (``W^T W = V S^2 V^T``); the
+    transposes W1^T and W^T. Made once per network and
     rank and kept with it (the SVD of an 8575 x 300 matrix takes ~0.3 s, the copies ~30 ms)."""
 
     def make():
@@ -71,8 +72,9 @@ def _constants(mlp, rank: int) -> dict:
         b = [np.asarray(a, dtype=np.float32) for a in mlp.biases]
         u, s, vt = np.linalg.svd(np.asarray(mlp.weights[-1], dtype=np.float64), full_matrices=False)
         u_k = np.ascontiguousarray(u[:, :rank], dtype=np.float32)
-        return dict(w=w, b=b, w2_t=np.ascontiguousarray(w[2].T), u_k=u_k,
-                    sv_all_t=np.ascontiguousarray((s[:, None] * vt).T, dtype=np.float32),
+        sv_all_t = np.ascontiguousarray((s[:, None] * vt).T, dtype=np.float32)
+        return dict(w=w, b=b, w1_t=np.ascontiguousarray(w[1].T), w2_t=np.ascontiguousarray(w[2].T), u_k=u_k,
+                    sv_all_t=sv_all_t, sv=np.ascontiguousarray(sv_all_t[:, :rank].T),
                     u_k_channels=np.ascontiguousarray(u_k.T)[None])
 
     return mlp.derived(("hidden_space", rank), make)
@@ -88,12 +90,12 @@ class HiddenSpaceEvaluator:
         const = _constants(mlp, k)
         self.w0, self.w1, self.w2 = const["w"]
         self.b0, self.b1, self.b2 = const["b"]
-        self.w2_t = const["w2_t"]
+        self.w1_t, self.w2_t = const["w1_t"], const["w2_t"]
         self.data = np.ascontiguousarray(data, dtype=np.float64)
         self.weights = np.ascontiguousarray(weights, dtype=np.float64)
         self.n = self.data.shape[0]
         self.u_k, self.sv_all_t = const["u_k"], const["sv_all_t"]
-        self.sv = np.ascontiguousarray(self.sv_all_t[:, :k].T)  # S_k V_k^T (k, H)
+        self.sv = const["sv"]  # S_k V_k^T (k, H)
         self.rank = k
         self.has_tail = self.sv_all_t.shape[1] > k
         self._u_k_channels = const["u_k_channels"]  # (1, k, P) for the Doppler shift
@@ -112,6 +114,7 @@ class HiddenSpaceEvaluator:
         self._v_at = np.zeros((self.n, 3))  # v, sum w r dm/dv, sum w (dm/dv)^2
         self._profile_at = None  # continuum: per region (coefficient columns (n, D, H), v column, A^-1)
         # each star's projected Jacobian at its last evaluation, for _projected_jacobian
+        self._w0t_free = np.ascontiguousarray(self.w0.T[fm.free])  # (nl, H1)
         self._pt = self._b = self._d1 = self._d2 = None
         self._updates = np.full(self.n, -1)  # updates since it was made anew (-1: none yet)
 
@@ -127,13 +130,6 @@ class HiddenSpaceEvaluator:
             and fm.resampler.fast
             and numba_enabled()
         )
-
-    @classmethod
-    def for_fit(cls, fm, emulator_eval, data, weights):
-        """The evaluator for these stars, or None where it does not apply."""
-        if not cls.supports(fm, emulator_eval):
-            return None
-        return cls(fm, emulator_eval.emulator, data, weights)
 
     def _transpose_shift(self, values, v):
         return doppler_rows_transpose(values, v, *self._shift)
@@ -188,11 +184,8 @@ class HiddenSpaceEvaluator:
         (one row of a matrix product for all stars, instead of two (nl x H) x (H x H) products per star),
         each changed second-layer unit another. Stars with more changes, or with MAX_UPDATES updates
         since, are made anew. Equal to making it anew to float32 rounding."""
-        free = self.fm.free
-        nl = free.size
+        nl = self.fm.free.size
         if self._pt is None:
-            self._w0t_free = np.ascontiguousarray(self.w0.T[free])  # (nl, H1)
-            self._w1t = np.ascontiguousarray(self.w1.T)  # (H1, H2)
             self._pt = np.zeros((self.n, nl, self.sv_all_t.shape[1]), dtype=np.float32)
             self._b = np.zeros((self.n, nl, self.w1.shape[0]), dtype=np.float32)
             self._d1 = np.zeros((self.n, self.w0.shape[0]), dtype=np.float32)
@@ -219,9 +212,9 @@ class HiddenSpaceEvaluator:
             f2 = np.nonzero(d2[up] != self._d2[r])
             delta1 = d1[up][f1] - self._d1[r][f1]
             delta2 = d2[up][f2] - self._d2[r][f2]
-            r1 = (delta1[:, None] * self._w1t[f1[1]] * d2[up][f1[0]]) @ self.sv_all_t
+            r1 = (delta1[:, None] * self.w1_t[f1[1]] * d2[up][f1[0]]) @ self.sv_all_t
             hidden_flip_updates(self._pt, self._b, r, f2, delta2, self.sv_all_t, f1, delta1, r1,
-                                self._w0t_free, self._w1t)
+                                self._w0t_free, self.w1_t)
             self._updates[r] += 1
         self._d1[rows], self._d2[rows] = d1, d2
         return self._pt[rows]
@@ -231,13 +224,11 @@ class HiddenSpaceEvaluator:
         T blocks of the same stars in the same order: then one (T, k) x (k, k) product per star, without
         gathering T copies of its Gram matrix."""
         m = rows.size
-        first = np.flatnonzero(rows == rows[0])
-        t = first.size
-        if t > 1 and m % t == 0 and np.array_equal(first, np.arange(t) * (m // t)):
-            stars = rows[: m // t]
-            if np.array_equal(rows.reshape(t, -1), np.broadcast_to(stars, (t, stars.size))):
-                pb = p.reshape(t, stars.size, -1).transpose(1, 0, 2)  # (stars, T, k)
-                return np.sum(np.matmul(pb, self.gram[stars]) * pb, axis=2).T.reshape(-1)
+        t = int(np.count_nonzero(rows == rows[0]))
+        stars = rows[: m // t]
+        if t > 1 and m % t == 0 and np.array_equal(rows.reshape(t, -1), np.broadcast_to(stars, (t, m // t))):
+            pb = p.reshape(t, stars.size, -1).transpose(1, 0, 2)  # (stars, T, k)
+            return np.sum(np.matmul(pb, self.gram[stars]) * pb, axis=2).T.reshape(-1)
         return np.matmul(np.matmul(p[:, None, :], self.gram[rows]), p[:, :, None])[:, 0, 0]
 
     def predict(self, theta, rows):
